@@ -1,0 +1,110 @@
+"""Streaming mean activations at every layer's block input and chosen token positions.
+
+Means are accumulated in float64 batch by batch, so memory is ``O(layers x positions x d_model)``
+whatever the number of prompts. The forward stops after the last block (no unembedding), since only
+residual-stream activations are needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from refusal_lens.errors import DataError
+from refusal_lens.prompts import ChatFormat, batches
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early once the activations it needs are collected."""
+
+
+def run_until(model, hook_name: str, input_ids, attention_mask) -> Tensor:
+    """Run the model until ``hook_name`` fires and return that activation; later layers never run."""
+    box: dict[str, Tensor] = {}
+
+    def grab(act, hook):
+        box["act"] = act
+        raise StopForward
+
+    try:
+        with model.hooks(fwd_hooks=[(hook_name, grab)]):
+            model(input_ids, attention_mask=attention_mask)
+    except StopForward:
+        pass
+    return box["act"]
+
+
+def resid_pre_name(layer: int) -> str:
+    """TransformerLens hook name of block ``layer``'s input."""
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+@dataclass
+class MeanActivations:
+    """Mean block-input activations over a prompt set.
+
+    Attributes:
+        mean: ``[layer, pos, d_model]`` float64 means.
+        positions: negative token offsets of the ``pos`` axis.
+        count: number of prompts averaged.
+    """
+
+    mean: Float[Tensor, "layer pos d_model"]
+    positions: list[int]
+    count: int
+
+
+def mean_activations(
+    model,
+    instructions: Sequence[str],
+    *,
+    positions: list[int] | None = None,
+    layers: list[int] | None = None,
+    batch_size: int = 16,
+    fmt: ChatFormat | None = None,
+    suffix: str = "",
+    progress: bool = True,
+    desc: str = "activations",
+) -> MeanActivations:
+    """Mean of ``blocks.L.hook_resid_pre`` at ``positions`` over ``instructions``.
+
+    Args:
+        positions: negative offsets from the end of each prompt; default all post-instruction positions.
+        layers: block indices; default all.
+        suffix: text appended to every instruction inside the user turn.
+
+    Returns:
+        :class:`MeanActivations` with ``mean`` of shape ``[len(layers), len(positions), d_model]``.
+    """
+    if len(instructions) == 0:
+        raise DataError("Cannot average activations over an empty prompt set; pass at least one instruction.")
+    fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
+    positions = list(positions if positions is not None else fmt.positions)
+    layers = list(layers if layers is not None else range(model.cfg.n_layers))
+    total = torch.zeros(len(layers), len(positions), model.cfg.d_model, dtype=torch.float64)
+    pos_index = torch.tensor(positions)
+
+    def make_hook(i: int):
+        def hook(act, hook):  # act: [batch, seq, d_model]
+            total[i] += act[:, pos_index, :].to(torch.float64).sum(0).cpu()
+            return act
+
+        return hook
+
+    fwd_hooks = [(resid_pre_name(layer), make_hook(i)) for i, layer in enumerate(layers)]
+    last = max(layers)
+    n = 0
+    bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
+    with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
+        for batch in batches(model.tokenizer, instructions, batch_size, fmt, suffix=suffix):
+            # the forward stops at the last needed block input: later blocks and the unembedding never run
+            run_until(model, resid_pre_name(last), batch.input_ids, batch.attention_mask)
+            n += len(batch)
+            bar.update(len(batch))
+    bar.close()
+    return MeanActivations(mean=total / n, positions=positions, count=n)

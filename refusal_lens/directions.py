@@ -1,0 +1,220 @@
+"""Refusal directions: the :class:`Direction` dataclass and diff-in-means candidates.
+
+A candidate is ``r[l, i] = mean(harmful activations) - mean(harmless activations)`` at the block input
+(``blocks.l.hook_resid_pre``) of layer ``l`` and post-instruction position ``i`` (a negative offset, see
+``prompts.py``). A :class:`Direction` keeps the unit vector, the raw diff-in-means norm, and where it
+came from; it saves as ``<name>.safetensors`` (the vector) + ``<name>.json`` (everything else).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from refusal_lens.errors import DirectionError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Direction:
+    """A unit direction in the residual stream of one model.
+
+    Attributes:
+        vector: ``[d_model]`` unit vector (fp32).
+        layer: block whose input it was read at.
+        position: post-instruction position, a negative offset from the end (``-1`` = last token).
+        model_id: the model it belongs to (``refusal_lens.models.model_id``).
+        norm: the norm of the raw diff-in-means vector, in residual-stream units (used for addition).
+        provenance: free-form record (prompt sets, splits, counts, library version, selection notes).
+    """
+
+    vector: Float[Tensor, " d_model"]
+    layer: int
+    position: int
+    model_id: str
+    norm: float = 1.0
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        v = self.vector.detach().to(torch.float32).flatten()
+        n = float(v.norm())
+        if not math.isfinite(n) or n == 0.0:
+            raise DirectionError(
+                f"Direction at layer {self.layer}, position {self.position} is zero or NaN (norm {n}); "
+                "it cannot be normalised. Pick another candidate (layer 0 template positions are "
+                "identical for every prompt, so their diff-in-means is zero)."
+            )
+        self.vector = v / n
+
+    @property
+    def d_model(self) -> int:
+        return self.vector.shape[0]
+
+    @property
+    def raw(self) -> Float[Tensor, " d_model"]:
+        """The un-normalised diff-in-means vector (``vector * norm``)."""
+        return self.vector * self.norm
+
+    def check_model(self, model) -> None:
+        """Raise :class:`DirectionError` unless this direction fits ``model`` (width and model id)."""
+        from refusal_lens.models import model_id
+
+        d_model = int(model.cfg.d_model)
+        if self.d_model != d_model:
+            raise DirectionError(
+                f"Direction has width {self.d_model} but the model's d_model is {d_model}: it belongs to "
+                f"another model ({self.model_id}). Extract a direction for this model with "
+                "`refusal-lens extract`."
+            )
+        mid = model_id(model)
+        if self.model_id != mid:
+            raise DirectionError(
+                f"Direction was extracted from {self.model_id!r}, not from {mid!r}. Extract one for this "
+                "model, or pass --allow-other-model if you mean to transfer it."
+            )
+        if not 0 <= self.layer < int(model.cfg.n_layers):
+            raise DirectionError(f"Direction layer {self.layer} is outside the model's {model.cfg.n_layers} layers.")
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path.safetensors`` and ``path.json`` (``path`` may end in either suffix or none)."""
+        base = Path(path)
+        if base.suffix in (".safetensors", ".json"):
+            base = base.with_suffix("")
+        base.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"direction": self.vector.contiguous()}, str(base.with_suffix(".safetensors")))
+        meta = {k: v for k, v in asdict(self).items() if k != "vector"}
+        meta.update(format_version=FORMAT_VERSION, d_model=self.d_model)
+        base.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+        return base.with_suffix(".safetensors")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Direction:
+        """Read a direction saved by :meth:`save` (safetensors + json; never a pickle)."""
+        base = Path(path)
+        if base.suffix in (".safetensors", ".json"):
+            base = base.with_suffix("")
+        st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
+        for p in (st, js):
+            if not p.is_file():
+                raise DirectionError(
+                    f"{p} is missing; a direction is a .safetensors + .json pair written by "
+                    "`refusal-lens run` or `Direction.save`."
+                )
+        try:
+            meta = json.loads(js.read_text())
+            vector = load_file(str(st))["direction"]
+        except (json.JSONDecodeError, KeyError, OSError) as e:
+            raise DirectionError(f"Cannot read the direction at {base}: {e}. Re-extract it.") from e
+        if meta.get("d_model") not in (None, vector.shape[0]):
+            raise DirectionError(f"{st} holds a vector of width {vector.shape[0]}, its json says {meta['d_model']}.")
+        return cls(
+            vector=vector,
+            layer=int(meta["layer"]),
+            position=int(meta["position"]),
+            model_id=str(meta["model_id"]),
+            norm=float(meta.get("norm", 1.0)),
+            provenance=dict(meta.get("provenance", {})),
+        )
+
+
+@dataclass
+class Candidates:
+    """Diff-in-means candidates at every layer and post-instruction position.
+
+    Attributes:
+        diffs: ``[layer, pos, d_model]`` raw diff-in-means vectors (fp64 means, stored fp32).
+        positions: the negative offsets of the ``pos`` axis.
+        model_id: the model they belong to.
+        harmful_mean, harmless_mean: ``[layer, pos, d_model]`` the two means.
+        provenance: prompt counts and splits.
+    """
+
+    diffs: Float[Tensor, "layer pos d_model"]
+    positions: list[int]
+    model_id: str
+    harmful_mean: Float[Tensor, "layer pos d_model"]
+    harmless_mean: Float[Tensor, "layer pos d_model"]
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.diffs.shape[0]
+
+    @property
+    def norms(self) -> Float[Tensor, "layer pos"]:
+        return self.diffs.norm(dim=-1)
+
+    def is_valid(self, layer: int, pos_index: int, rel_tol: float = 1e-6) -> bool:
+        """False for zero / NaN candidates (e.g. layer 0 at template tokens, identical in both sets)."""
+        n = float(self.norms[layer, pos_index])
+        scale = float(self.harmful_mean[layer, pos_index].norm()) + 1e-12
+        return math.isfinite(n) and n > rel_tol * scale
+
+    def direction(self, layer: int, position: int) -> Direction:
+        """The :class:`Direction` of candidate (``layer``, ``position``), position a negative offset."""
+        if position not in self.positions:
+            raise DirectionError(f"Position {position} is not one of the candidate positions {self.positions}.")
+        i = self.positions.index(position)
+        return Direction(
+            vector=self.diffs[layer, i].clone(),
+            layer=layer,
+            position=position,
+            model_id=self.model_id,
+            norm=float(self.norms[layer, i]),
+            provenance=dict(self.provenance),
+        )
+
+    def save(self, path: str | Path) -> None:
+        base = Path(path).with_suffix("")
+        save_file(
+            {"diffs": self.diffs.contiguous(), "harmful_mean": self.harmful_mean.contiguous(),
+             "harmless_mean": self.harmless_mean.contiguous()},
+            str(base.with_suffix(".safetensors")),
+        )
+        meta = {"positions": self.positions, "model_id": self.model_id, "provenance": self.provenance}
+        base.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Candidates:
+        base = Path(path).with_suffix("")
+        t = load_file(str(base.with_suffix(".safetensors")))
+        meta = json.loads(base.with_suffix(".json").read_text())
+        return cls(t["diffs"], list(meta["positions"]), meta["model_id"], t["harmful_mean"],
+                   t["harmless_mean"], meta.get("provenance", {}))
+
+
+def candidate_directions(model, harmful: list[str], harmless: list[str], *, batch_size: int = 16,
+                         positions: list[int] | None = None, progress: bool = True) -> Candidates:
+    """Diff-in-means candidates at every layer's block input and every post-instruction position.
+
+    Args:
+        harmful, harmless: instructions (raw user text; the chat template is applied here).
+        positions: negative offsets; defaults to all post-instruction positions of the chat template.
+
+    Returns:
+        :class:`Candidates` with ``diffs`` of shape ``[n_layers, n_positions, d_model]``.
+    """
+    from refusal_lens.activations import mean_activations
+    from refusal_lens.models import model_id
+
+    h = mean_activations(model, harmful, positions=positions, batch_size=batch_size, progress=progress,
+                         desc="harmful activations")
+    hl = mean_activations(model, harmless, positions=positions, batch_size=batch_size, progress=progress,
+                          desc="harmless activations")
+    diffs = (h.mean - hl.mean).to(torch.float32)
+    return Candidates(
+        diffs=diffs,
+        positions=h.positions,
+        model_id=model_id(model),
+        harmful_mean=h.mean.to(torch.float32),
+        harmless_mean=hl.mean.to(torch.float32),
+        provenance={"n_harmful": h.count, "n_harmless": hl.count},
+    )
