@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -16,7 +17,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 @app.callback()
@@ -26,6 +27,141 @@ def _root(
     if version:
         print(__version__)
         raise typer.Exit()
+
+
+def _load(model: str | None, trust_remote_code: bool = False):
+    from refusal_lens.models import load_model
+
+    console.print(f"loading model {model or '(embedded default)'} ...")
+    return load_model(model, trust_remote_code=trust_remote_code)
+
+
+MODEL_OPT = typer.Option(None, "--model", "-m", help="HF folder, .gguf file or cached HF name (default: embedded).")
+
+
+@app.command()
+def run(
+    model: str | None = MODEL_OPT,
+    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="Run folder to write (must not exist)."),
+    export: Path | None = typer.Option(None, "--export", help="Also export the orthogonalized HF model here."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output folders."),
+    harmful: Path | None = typer.Option(None, help="Harmful instructions file (csv/json/jsonl with a split column)."),
+    harmless: Path | None = typer.Option(None, help="Harmless instructions file (csv/json/jsonl with a split column)."),
+    n_train: int = typer.Option(128, help="Train prompts per set (extraction)."),
+    n_val: int = typer.Option(32, help="Val prompts per set (selection)."),
+    n_test: int | None = typer.Option(None, help="Test prompts per set (evaluation; default all)."),
+    max_new_tokens: int = typer.Option(48, help="Tokens generated per completion."),
+    batch_size: int = typer.Option(16, help="Prompts per forward pass."),
+    strategy: str = typer.Option("fast", help="Selection: 'fast' (screen, then score top-k) or 'exhaustive'."),
+    top_k: int = typer.Option(8, help="Candidates fully scored after screening (fast strategy)."),
+    max_layer_frac: float = typer.Option(0.8, help="Only candidates at layers < this fraction of the depth."),
+    refusal_ids: str | None = typer.Option(None, help="Comma-separated refusal token ids (default: found from "
+                                           "the model's own refusals on harmful train prompts)."),
+    trust_remote_code: bool = typer.Option(False, help="Run code shipped with the model (only if you trust it)."),
+) -> None:
+    """The main job: extract, select, evaluate, report (and optionally export)."""
+    from refusal_lens.io import check_output_dir
+    from refusal_lens.pipeline import RunConfig, run_pipeline
+
+    check_output_dir(out, overwrite)
+    if export is not None:
+        check_output_dir(export, overwrite)
+    cfg = RunConfig(n_train=n_train, n_val=n_val, n_test=n_test, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    strategy=strategy, top_k=top_k, max_layer_frac=max_layer_frac, harmful_path=str(harmful) if harmful else None,
+                    harmless_path=str(harmless) if harmless else None,
+                    refusal_ids=[int(x) for x in refusal_ids.split(",")] if refusal_ids else None)
+    m = _load(model, trust_remote_code)
+    res = run_pipeline(m, out, cfg, overwrite=overwrite, export_dir=export)
+    c = res.evaluation["conditions"]
+    console.print(
+        f"[bold green]done[/] in {res.seconds:.0f} s -> {out}/report.html\n"
+        f"  direction: layer {res.direction.layer}, position {res.direction.position} ({res.selection.rule_text})\n"
+        f"  harmful refusal {c['harmful_baseline']['refusal_score']:.2f} -> {c['harmful_ablated']['refusal_score']:.2f} "
+        f"ablated ({c['harmful_ablated']['coherent_fraction']:.0%} coherent); harmless "
+        f"{c['harmless_baseline']['refusal_score']:.2f} -> {res.evaluation['addition']['tuned_refusal']:.2f} with "
+        f"addition (coeff {res.evaluation['addition']['tuned_coeff']})")
+
+
+@app.command()
+def extract(
+    model: str | None = MODEL_OPT,
+    out: Path = typer.Option(Path("candidates"), "--out", "-o", help="Path stem for candidates.safetensors/.json."),
+    n_train: int = typer.Option(128, help="Train prompts per set."),
+    batch_size: int = typer.Option(16),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Diff-in-means candidates at every layer and post-instruction position (built-in train split)."""
+    from refusal_lens.data import load_builtin
+    from refusal_lens.directions import candidate_directions
+    from refusal_lens.errors import OutputExistsError
+
+    target = out.with_suffix(".safetensors")
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"{target} exists; pass --overwrite or choose another --out.")
+    m = _load(model)
+    c = candidate_directions(m, load_builtin("harmful", "train")[:n_train], load_builtin("harmless", "train")[:n_train],
+                             batch_size=batch_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    c.save(out)
+    console.print(f"wrote {target} ({c.n_layers} layers x {len(c.positions)} positions)")
+
+
+@app.command()
+def select(
+    candidates: Path = typer.Argument(..., help="candidates.safetensors written by `extract` or `run`."),
+    model: str | None = MODEL_OPT,
+    out: Path = typer.Option(Path("direction"), "--out", "-o", help="Path stem for direction.safetensors/.json."),
+    n_val: int = typer.Option(32),
+    strategy: str = typer.Option("fast"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Select one direction by the paper's bypass / induce / KL rule (built-in val split)."""
+    from refusal_lens.data import load_builtin
+    from refusal_lens.directions import Candidates
+    from refusal_lens.errors import DirectionError, OutputExistsError
+    from refusal_lens.evaluate import find_refusal_tokens
+    from refusal_lens.models import model_id
+    from refusal_lens.selection import select_direction
+
+    if out.with_suffix(".safetensors").exists() and not overwrite:
+        raise OutputExistsError(f"{out.with_suffix('.safetensors')} exists; pass --overwrite or choose another --out.")
+    cands = Candidates.load(candidates)
+    m = _load(model)
+    if cands.model_id != model_id(m) or cands.diffs.shape[-1] != m.cfg.d_model:
+        raise DirectionError(f"{candidates} belongs to {cands.model_id!r}, not {model_id(m)!r}; pass the matching --model.")
+    rt = find_refusal_tokens(m, load_builtin("harmful", "train")[:32])
+    d, sel = select_direction(m, cands, load_builtin("harmful", "val")[:n_val], load_builtin("harmless", "val")[:n_val],
+                              rt.ids, strategy=strategy)
+    d.save(out)
+    sel.save(out.with_name(out.name + "_selection.json"))
+    console.print(f"selected layer {d.layer}, position {d.position} ({sel.rule_text}) -> {out}.safetensors")
+
+
+@app.command()
+def evaluate(
+    direction: Path = typer.Option(..., "--direction", "-d", help="direction.safetensors"),
+    model: str | None = MODEL_OPT,
+    n_test: int | None = typer.Option(None),
+    max_new_tokens: int = typer.Option(48),
+) -> None:
+    """Refusal score with and without ablation of a direction on the built-in test split."""
+    import json
+
+    from refusal_lens.data import load_builtin
+    from refusal_lens.directions import Direction
+    from refusal_lens.evaluate import refusal_score
+    from refusal_lens.interventions import ablate, generate
+
+    d = Direction.load(direction)
+    m = _load(model)
+    d.check_model(m)
+    harmful = load_builtin("harmful", "test")[:n_test] if n_test else load_builtin("harmful", "test")
+    res = {
+        "harmful_baseline": refusal_score(generate(m, harmful, max_new_tokens=max_new_tokens)),
+        "harmful_ablated": refusal_score(generate(m, harmful, max_new_tokens=max_new_tokens,
+                                                  interventions=[lambda mm: ablate(mm, d)])),
+    }
+    print(json.dumps(res, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:

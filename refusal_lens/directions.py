@@ -52,7 +52,8 @@ class Direction:
                 "it cannot be normalised. Pick another candidate (layer 0 template positions are "
                 "identical for every prompt, so their diff-in-means is zero)."
             )
-        self.vector = v / n
+        # already-unit vectors (e.g. loaded from disk) are kept bit for bit
+        self.vector = v if abs(n - 1.0) < 1e-6 else v / n
 
     @property
     def d_model(self) -> int:

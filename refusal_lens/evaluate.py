@@ -65,7 +65,7 @@ def last_logits(model, instructions: Sequence[str], *, interventions: Sequence |
     fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
     out = []
     fast = not _has_softcap(model)
-    with apply(model, [i(model) if callable(i) else i for i in interventions or []]):
+    with apply(model, interventions):
         for b in batches(model.tokenizer, instructions, batch_size, fmt, suffix=suffix):
             if fast:
                 resid = run_until(model, "ln_final.hook_in", b.input_ids, b.attention_mask)
@@ -152,7 +152,7 @@ def completion_nll(model, instructions: Sequence[str], completions: Sequence[str
     fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
     tok = model.tokenizer
     results: list[tuple[float, int]] = []
-    with apply(model, [i(model) if callable(i) else i for i in interventions or []]):
+    with apply(model, interventions):
         for start in range(0, len(instructions), batch_size):
             prompts = [fmt.format(x) for x in instructions[start : start + batch_size]]
             comps = list(completions[start : start + batch_size])

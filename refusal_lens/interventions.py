@@ -94,12 +94,17 @@ def add(model, direction: Direction, coeff: float = 1.0, layer: int | None = Non
         yield model
 
 
+def _is_context(item) -> bool:
+    # contextlib's context managers are also callable (ContextDecorator): test for __enter__ first
+    return hasattr(item, "__enter__")
+
+
 @contextmanager
 def apply(model, interventions: Sequence | None) -> Iterator:
     """Enter several intervention context managers (or callables ``model -> context``) at once."""
     with ExitStack() as stack:
         for item in interventions or []:
-            stack.enter_context(item(model) if callable(item) else item)
+            stack.enter_context(item if _is_context(item) else item(model))
         yield model
 
 
@@ -132,9 +137,9 @@ def generate(
     tok = model.tokenizer
     out: list[str] = []
     bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
-    with apply(model, [i for i in interventions or [] if not callable(i)]):
+    with apply(model, [i for i in interventions or [] if _is_context(i)]):
         for batch in batches(tok, instructions, batch_size, fmt, suffix=suffix):
-            with apply(model, [i for i in interventions or [] if callable(i)]):
+            with apply(model, [i for i in interventions or [] if not _is_context(i)]):
                 tokens = model.hf_generate(
                     batch.input_ids,
                     attention_mask=batch.attention_mask,

@@ -1,0 +1,300 @@
+"""The paper's pipeline end to end: extract -> select -> evaluate -> write a run folder.
+
+``run_pipeline`` is what ``refusal-lens run`` calls. It writes, atomically (a temporary folder renamed
+at the end, so an interrupted run leaves nothing behind):
+
+* ``direction.safetensors`` / ``direction.json`` -- the selected direction and its provenance,
+* ``candidates.safetensors`` / ``candidates.json`` -- every diff-in-means candidate,
+* ``selection.json`` -- every candidate's bypass / induce / KL scores and the rule that picked,
+* ``evaluation.json`` -- refusal scores, coherence, KL and CE per condition on the test split,
+* ``completions.jsonl`` -- every completion, one line per (instruction, condition),
+* ``report.html`` -- a self-contained report with plotly figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from refusal_lens import __version__
+from refusal_lens.data import load_builtin, load_instructions, validate_instructions
+from refusal_lens.directions import Candidates, Direction, candidate_directions
+from refusal_lens.errors import DataError
+from refusal_lens.evaluate import (
+    RefusalTokens,
+    coherence,
+    completion_ce,
+    find_refusal_tokens,
+    kl_last,
+    last_logits,
+    refusal_metric_from_logits,
+    refusal_score,
+)
+from refusal_lens.interventions import ablate, add, generate
+from refusal_lens.io import atomic_dir, check_output_dir
+from refusal_lens.models import model_id
+from refusal_lens.selection import Selection, select_direction
+
+logger = logging.getLogger(__name__)
+console = Console(stderr=True, soft_wrap=True)
+
+ADD_COEFFS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
+
+
+@dataclass
+class RunConfig:
+    """Settings of one run; every field is a CLI option of ``refusal-lens run``."""
+
+    n_train: int = 128
+    n_val: int = 32
+    n_test: int | None = None
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    strategy: str = "fast"
+    top_k: int = 8
+    n_screen: int = 8
+    max_layer_frac: float = 0.8
+    target_induced_refusal: float = 0.7
+    harmful_path: str | None = None
+    harmless_path: str | None = None
+    refusal_ids: list[int] | None = None
+    seed: int = 0
+
+
+@dataclass
+class Splits:
+    """Instructions per set and split (train: extraction, val: selection, test: evaluation)."""
+
+    harmful: dict[str, list[str]] = field(default_factory=dict)
+    harmless: dict[str, list[str]] = field(default_factory=dict)
+
+
+MIN_PER_SPLIT = {"train": 4, "val": 2, "test": 2}
+
+
+def load_splits(cfg: RunConfig) -> Splits:
+    """Built-in data, or the user's files (which must have a ``split`` column); validated."""
+    splits = Splits()
+    limits = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
+    for kind, path in (("harmful", cfg.harmful_path), ("harmless", cfg.harmless_path)):
+        target = getattr(splits, kind)
+        # the whole set first: an instruction repeated across splits would leak train into test
+        validate_instructions(load_instructions(path) if path else load_builtin(kind), name=f"{kind} set")
+        for split, limit in limits.items():
+            items = load_instructions(path, split=split) if path else load_builtin(kind, split)
+            items = validate_instructions(items, name=f"{kind} {split}", min_count=MIN_PER_SPLIT[split])
+            target[split] = items[:limit] if limit else items
+    for split in limits:
+        both = {x.strip().lower() for x in splits.harmful[split]} & {x.strip().lower() for x in splits.harmless[split]}
+        if both:
+            raise DataError(f"{len(both)} instruction(s) appear in both the harmful and harmless {split} sets, e.g. "
+                            f"{sorted(both)[0]!r}; remove them from one set.")
+    return splits
+
+
+def choose_addition_coeff(model, direction: Direction, harmless_val: list[str], refusal_ids, target: float,
+                          batch_size: int) -> tuple[float, dict]:
+    """Smallest coefficient in :data:`ADD_COEFFS` whose share of harmless val prompts with refusal
+    metric > 0 reaches ``target`` (one forward pass per coefficient; no generation)."""
+    shares = {}
+    for c in ADD_COEFFS:
+        with add(model, direction, coeff=c):
+            m = refusal_metric_from_logits(last_logits(model, harmless_val, batch_size=batch_size), refusal_ids)
+        shares[c] = float((m > 0).float().mean())
+        if shares[c] >= target:
+            return c, shares
+    return ADD_COEFFS[-1], shares
+
+
+def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids, tuned_coeff: float,
+                       cfg: RunConfig) -> tuple[dict, list[dict]]:
+    """Generate on the test split under each condition and score refusal, coherence, KL and CE."""
+    harmful, harmless = splits.harmful["test"], splits.harmless["test"]
+    gen = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
+    conditions: dict[str, tuple[list[str], list]] = {
+        "harmful_baseline": (harmful, []),
+        "harmful_ablated": (harmful, [lambda m: ablate(m, direction)]),
+        "harmless_baseline": (harmless, []),
+        "harmless_ablated": (harmless, [lambda m: ablate(m, direction)]),
+        "harmless_added_coeff1": (harmless, [lambda m: add(m, direction, 1.0)]),
+    }
+    if tuned_coeff != 1.0:
+        conditions["harmless_added_tuned"] = (harmless, [lambda m: add(m, direction, tuned_coeff)])
+    completions: dict[str, list[str]] = {}
+    results: dict[str, dict] = {}
+    for name, (prompts, ivs) in conditions.items():
+        console.print(f"  generating: {name} ({len(prompts)} prompts)")
+        completions[name] = generate(model, prompts, interventions=ivs, desc=name, **gen)
+        results[name] = {"refusal_score": refusal_score(completions[name]), "n": len(prompts)}
+    for name in ("harmful_ablated", "harmless_ablated"):
+        prompts = conditions[name][0]
+        coh = coherence(model, prompts, completions[name], batch_size=cfg.batch_size)
+        results[name].update(coherent_fraction=coh.fraction, median_perplexity=coh.summary["median_perplexity"],
+                             mean_repetition=coh.summary["mean_repetition"])
+    base = last_logits(model, harmless, batch_size=cfg.batch_size)
+    with ablate(model, direction):
+        abl = last_logits(model, harmless, batch_size=cfg.batch_size)
+    ce_base = completion_ce(model, harmless, completions["harmless_baseline"], batch_size=cfg.batch_size)
+    ce_abl = completion_ce(model, harmless, completions["harmless_baseline"], batch_size=cfg.batch_size,
+                           interventions=[lambda m: ablate(m, direction)])
+    evaluation = {
+        "conditions": results,
+        "kl_harmless_test_last_token": kl_last(base, abl),
+        "ce_loss_harmless_completions": {"baseline": ce_base, "ablated": ce_abl, "delta": ce_abl - ce_base,
+                                         "text": "the base model's own greedy completions of harmless test prompts"},
+        "addition": {"coeff1_refusal": results["harmless_added_coeff1"]["refusal_score"], "tuned_coeff": tuned_coeff,
+                     "tuned_refusal": results.get("harmless_added_tuned", results["harmless_added_coeff1"])["refusal_score"]},
+    }
+    rows = []
+    for name, (prompts, _) in conditions.items():
+        for instr, comp in zip(prompts, completions[name], strict=True):
+            rows.append({"instruction": instr, "condition": name, "completion": comp})
+    return evaluation, rows
+
+
+@dataclass
+class RunResult:
+    out: Path
+    direction: Direction
+    selection: Selection
+    evaluation: dict
+    seconds: float
+    timings: dict
+
+
+def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwrite: bool = False,
+                 export_dir: str | Path | None = None) -> RunResult:
+    """Extract, select, evaluate on the test split, and write the run folder ``out`` (see module doc)."""
+    cfg = cfg or RunConfig()
+    check_output_dir(out, overwrite)
+    if export_dir is not None:
+        check_output_dir(export_dir, overwrite)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, start: float) -> None:
+        timings[name] = round(time.perf_counter() - start, 1)
+        console.print(f"[green]done[/] {name} in {timings[name]:.0f} s")
+
+    splits = load_splits(cfg)
+    with torch.no_grad(), atomic_dir(out, overwrite=overwrite) as tmp:
+        t = time.perf_counter()
+        console.print(f"[bold]1/4 extract[/]: diff-in-means on {len(splits.harmful['train'])} harmful + "
+                      f"{len(splits.harmless['train'])} harmless train prompts")
+        cands = candidate_directions(model, splits.harmful["train"], splits.harmless["train"], batch_size=cfg.batch_size)
+        cands.provenance.update(split="train", data=cfg.harmful_path or "built-in", version=__version__)
+        cands.save(tmp / "candidates")
+        lap("extract", t)
+
+        t = time.perf_counter()
+        console.print("[bold]2/4 select[/]: refusal tokens from the model's own refusals, then bypass/induce/KL")
+        if cfg.refusal_ids:
+            tok = model.tokenizer
+            rtoks = RefusalTokens(list(cfg.refusal_ids), [tok.decode([i]) for i in cfg.refusal_ids], math.nan, 0)
+        else:
+            rtoks = find_refusal_tokens(model, splits.harmful["train"][:32], batch_size=cfg.batch_size)
+        direction, selection = select_direction(
+            model, cands, splits.harmful["val"], splits.harmless["val"], rtoks.ids, strategy=cfg.strategy,
+            max_layer_frac=cfg.max_layer_frac, top_k=cfg.top_k, n_screen=cfg.n_screen, batch_size=cfg.batch_size)
+        selection.config["refusal_tokens"] = asdict(rtoks)
+        coeff, shares = choose_addition_coeff(model, direction, splits.harmless["val"], rtoks.ids,
+                                              cfg.target_induced_refusal, cfg.batch_size)
+        selection.config["addition_coeff_search"] = {"chosen": coeff, "share_metric_positive_by_coeff": shares}
+        direction.provenance.update(refusal_tokens=rtoks.strings, addition_coeff=coeff, run_config=asdict(cfg))
+        direction.save(tmp / "direction")
+        selection.save(tmp / "selection.json")
+        lap("select", t)
+        console.print(f"  selected layer {direction.layer}, position {direction.position} ({selection.rule_text})")
+
+        t = time.perf_counter()
+        console.print("[bold]3/4 evaluate[/] on the test split")
+        evaluation, rows = evaluate_direction(model, direction, splits, rtoks.ids, coeff, cfg)
+        evaluation.update(model_id=model_id(model), direction={"layer": direction.layer, "position": direction.position},
+                          selection_rule=selection.rule_text, passed_paper_filters=selection.passed_paper_filters,
+                          refusal_tokens=rtoks.strings)
+        lap("evaluate", t)
+
+        t = time.perf_counter()
+        with open(tmp / "completions.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        evaluation["timings_s"] = timings
+        evaluation["seconds_total"] = round(time.perf_counter() - t0, 1)
+        (tmp / "evaluation.json").write_text(json.dumps(_clean(evaluation), indent=1))
+        write_run_report(tmp / "report.html", direction, selection, evaluation, rows)
+        lap("report", t)
+    result = RunResult(Path(out), direction, selection, evaluation, time.perf_counter() - t0, timings)
+    if export_dir is not None:
+        from refusal_lens.export import export
+
+        console.print(f"[bold]4/4 export[/] orthogonalized model -> {export_dir}")
+        export(model, direction, export_dir, overwrite=overwrite, evaluation=evaluation)
+    return result
+
+
+def _clean(obj):
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_run_report(path: Path, direction: Direction, selection: Selection, evaluation: dict, rows: list[dict]) -> Path:
+    """The run's self-contained ``report.html``."""
+    import html
+
+    from refusal_lens.report import CONDITION_LABELS, completions_table, refusal_bars, write_report
+
+    c = evaluation["conditions"]
+    warn = "" if selection.passed_paper_filters else (
+        f"<p class='warn'>No candidate passed the paper's filters (induce &gt; 0, KL &lt; {selection.config['max_kl']}, "
+        f"layer &lt; {selection.config['max_layer_frac']}L). The direction was picked by: "
+        f"<b>{html.escape(selection.rule_text)}</b>.</p>")
+    summary = (
+        f"<p>Model <code>{html.escape(evaluation['model_id'])}</code>. Selected direction: layer "
+        f"<b>{direction.layer}</b>, post-instruction position <b>{direction.position}</b> "
+        f"(bypass {selection.score_of(direction.layer, direction.position).bypass:.2f}, "
+        f"induce {selection.score_of(direction.layer, direction.position).induce:.2f}, "
+        f"KL {selection.score_of(direction.layer, direction.position).kl:.3f}). Refusal tokens: "
+        f"{html.escape(', '.join(repr(s) for s in evaluation['refusal_tokens']))}.</p>{warn}"
+        f"<ul><li>harmful refusal: {c['harmful_baseline']['refusal_score']:.2f} baseline -> "
+        f"{c['harmful_ablated']['refusal_score']:.2f} ablated "
+        f"({c['harmful_ablated']['coherent_fraction']:.0%} coherent)</li>"
+        f"<li>harmless refusal: {c['harmless_baseline']['refusal_score']:.2f} baseline, "
+        f"{evaluation['addition']['coeff1_refusal']:.2f} with the direction added (coeff 1), "
+        f"{evaluation['addition']['tuned_refusal']:.2f} at coeff {evaluation['addition']['tuned_coeff']}</li>"
+        f"<li>KL(base || ablated) on harmless test, last token: {evaluation['kl_harmless_test_last_token']:.3f}; "
+        f"CE on harmless completions {evaluation['ce_loss_harmless_completions']['baseline']:.3f} -> "
+        f"{evaluation['ce_loss_harmless_completions']['ablated']:.3f}</li>"
+        f"<li>wall time {evaluation['seconds_total']:.0f} s ({evaluation['timings_s']})</li></ul>")
+    conds = [k for k in CONDITION_LABELS if k in c]
+    by_instr: dict[str, dict] = {}
+    for r in rows:
+        by_instr.setdefault(r["instruction"], {"instruction": r["instruction"]})[r["condition"]] = r["completion"]
+    harmful_rows = [v for v in by_instr.values() if "harmful_baseline" in v]
+    harmless_rows = [v for v in by_instr.values() if "harmless_baseline" in v]
+    sections = [
+        ("Sample completions: harmful prompts", completions_table(harmful_rows, [k for k in conds if k.startswith("harmful")])),
+        ("Sample completions: harmless prompts", completions_table(harmless_rows, [k for k in conds if k.startswith("harmless")])),
+        ("Selection notes", "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in selection.notes) + "</ul>"),
+    ]
+    return write_report(path, title="refusal-lens run", summary_html=summary,
+                        figures=[refusal_bars(evaluation), selection.plot()], sections=sections)
+
+
+def load_run(out: str | Path) -> tuple[Direction, Selection, dict, Candidates]:
+    """Read a run folder back."""
+    out = Path(out)
+    return (Direction.load(out / "direction"), Selection.load(out / "selection.json"),
+            json.loads((out / "evaluation.json").read_text()), Candidates.load(out / "candidates"))

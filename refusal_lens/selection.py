@@ -1,0 +1,272 @@
+"""Select one refusal direction among the diff-in-means candidates (paper appendix C).
+
+For each candidate ``r`` at (layer ``l``, position ``i``):
+
+* **bypass score** -- mean refusal metric on harmful val prompts with ``r`` ablated at every layer
+  (lower is better: refusal removed);
+* **induce score** -- mean refusal metric on harmless val prompts with ``r`` added at layer ``l``
+  (must be > 0: adding it makes the model refuse);
+* **KL score** -- ``KL(base || ablated)`` of the next-token distribution at the last position on
+  harmless val prompts (must be < 0.1: ablation barely changes harmless behaviour).
+
+The paper keeps candidates with induce > 0, KL < 0.1 and ``l < 0.8 L`` and picks the lowest bypass.
+When no candidate passes, :func:`select_direction` relaxes the filters in a fixed, documented order
+(:data:`FALLBACKS`) and records which rule picked the direction.
+
+Two strategies:
+
+* ``"exhaustive"`` -- every candidate gets all three scores on the full val sets (the paper).
+* ``"fast"`` (default) -- every candidate gets a *screening* bypass score on ``n_screen`` harmful val
+  prompts; the ``top_k`` best get the full three scores. Candidates that are zero / NaN are never scored.
+  ``scripts/bench_select.py`` measures both side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from refusal_lens.directions import Candidates, Direction
+from refusal_lens.errors import DataError, DirectionError
+from refusal_lens.evaluate import kl_last, last_logits, refusal_metric_from_logits
+from refusal_lens.interventions import ablation_hooks, addition_hooks, hooks
+
+FALLBACKS = (
+    "paper: induce > 0, KL < max_kl, layer < max_layer_frac * L; lowest bypass",
+    "fallback 1: drop the induce filter (KL < max_kl, layer filter); lowest bypass",
+    "fallback 2: layer filter only; lowest bypass + kl_weight * KL",
+)
+
+
+@dataclass
+class CandidateScore:
+    """Scores of one candidate (``nan`` where not computed)."""
+
+    layer: int
+    position: int
+    bypass: float = math.nan
+    induce: float = math.nan
+    kl: float = math.nan
+    screen_bypass: float = math.nan
+    passes: bool = False
+
+
+@dataclass
+class Selection:
+    """The result of :func:`select_direction`: every candidate's scores and the pick.
+
+    Attributes:
+        scores: one :class:`CandidateScore` per scored (or screened) candidate.
+        layer, position: the pick.
+        rule: which rule of :data:`FALLBACKS` picked it (0 = the paper's filters).
+        baseline: mean refusal metric on harmful / harmless val prompts without intervention.
+        config: the thresholds and strategy used; ``seconds``: wall time.
+    """
+
+    scores: list[CandidateScore]
+    layer: int
+    position: int
+    rule: int
+    baseline: dict
+    config: dict
+    n_layers: int
+    positions: list[int]
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed_paper_filters(self) -> bool:
+        return self.rule == 0
+
+    @property
+    def rule_text(self) -> str:
+        return FALLBACKS[self.rule]
+
+    def score_of(self, layer: int, position: int) -> CandidateScore | None:
+        return next((s for s in self.scores if (s.layer, s.position) == (layer, position)), None)
+
+    def grid(self, metric: str) -> torch.Tensor:
+        """``[layer, pos]`` grid of one metric (``bypass``, ``induce``, ``kl`` or ``screen_bypass``)."""
+        g = torch.full((self.n_layers, len(self.positions)), math.nan)
+        for s in self.scores:
+            g[s.layer, self.positions.index(s.position)] = getattr(s, metric)
+        return g
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rule_text"] = self.rule_text
+        d["passed_paper_filters"] = self.passed_paper_filters
+        return d
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(_nan_to_none(self.to_dict()), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Selection:
+        d = json.loads(Path(path).read_text())
+        d.pop("rule_text", None)
+        d.pop("passed_paper_filters", None)
+        d["scores"] = [CandidateScore(**{k: (math.nan if v is None else v) for k, v in s.items()}) for s in d["scores"]]
+        return cls(**d)
+
+    def plot(self):
+        """Plotly heatmaps of bypass / induce / KL over layer x position, the pick marked with a star."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        metrics = [("bypass", "bypass (lower = refusal removed)"), ("induce", "induce (> 0 = refusal added)"),
+                   ("kl", "KL on harmless"), ("screen_bypass", "screening bypass")]
+        metrics = [m for m in metrics if not torch.isnan(self.grid(m[0])).all()]
+        fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[t for _, t in metrics], shared_yaxes=True)
+        x = [str(p) for p in self.positions]
+        for c, (m, _title) in enumerate(metrics, start=1):
+            z = self.grid(m).tolist()
+            z = [[None if math.isnan(v) else v for v in row] for row in z]
+            fig.add_trace(go.Heatmap(z=z, x=x, y=list(range(self.n_layers)), colorscale="RdBu_r" if m != "kl" else "Viridis",
+                                     colorbar={"x": c / len(metrics) - 0.02, "len": 0.8}, name=m,
+                                     hovertemplate="layer %{y}, pos %{x}<br>" + m + " %{z:.3f}<extra></extra>"), 1, c)
+            fig.add_trace(go.Scatter(x=[str(self.position)], y=[self.layer], mode="markers",
+                                     marker={"symbol": "star", "size": 16, "color": "gold",
+                                             "line": {"color": "black", "width": 1}},
+                                     name="selected", showlegend=c == 1), 1, c)
+            fig.update_xaxes(title_text="post-instruction position", row=1, col=c)
+        fig.update_yaxes(title_text="layer", row=1, col=1)
+        fig.update_layout(title=f"Direction selection: layer {self.layer}, position {self.position} ({self.rule_text})",
+                          height=480)
+        return fig
+
+
+def _nan_to_none(obj):
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def _metric(model, prompts, refusal_ids, fwd_hooks, batch_size) -> float:
+    with hooks(model, fwd_hooks):
+        logits = last_logits(model, prompts, batch_size=batch_size)
+    return float(refusal_metric_from_logits(logits, refusal_ids).mean())
+
+
+def score_candidate(model, direction: Direction, harmful_val: Sequence[str], harmless_val: Sequence[str],
+                    refusal_ids: Sequence[int], base_harmless_logits: torch.Tensor, *, batch_size: int = 16,
+                    induce_coeff: float = 1.0) -> tuple[float, float, float]:
+    """(bypass, induce, kl) of one candidate; three forward passes over the val sets."""
+    abl = ablation_hooks(model, direction.vector)
+    bypass = _metric(model, harmful_val, refusal_ids, abl, batch_size)
+    induce = _metric(model, harmless_val, refusal_ids,
+                     addition_hooks(model, direction.raw, direction.layer, induce_coeff), batch_size)
+    with hooks(model, abl):
+        kl = kl_last(base_harmless_logits, last_logits(model, harmless_val, batch_size=batch_size))
+    return bypass, induce, kl
+
+
+def _pick(scores: list[CandidateScore], max_kl: float, kl_weight: float) -> tuple[CandidateScore, int]:
+    full = [s for s in scores if not math.isnan(s.bypass)]
+    rules = [
+        [s for s in full if s.induce > 0 and s.kl < max_kl],
+        [s for s in full if s.kl < max_kl],
+    ]
+    for rule, pool in enumerate(rules):
+        if pool:
+            return min(pool, key=lambda s: s.bypass), rule
+    return min(full, key=lambda s: s.bypass + kl_weight * s.kl), 2
+
+
+def select_direction(
+    model,
+    candidates: Candidates,
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    refusal_ids: Sequence[int],
+    *,
+    strategy: str = "fast",
+    max_layer_frac: float = 0.8,
+    max_kl: float = 0.1,
+    kl_weight: float = 10.0,
+    n_screen: int = 8,
+    top_k: int = 8,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[Direction, Selection]:
+    """Pick a direction by the paper's bypass / induce / KL rule.
+
+    Args:
+        candidates: from :func:`refusal_lens.directions.candidate_directions`.
+        harmful_val, harmless_val: validation instructions (disjoint from the extraction prompts).
+        refusal_ids: the model's refusal tokens (:func:`refusal_lens.evaluate.find_refusal_tokens`).
+        strategy: ``"fast"`` (screen then score the ``top_k``) or ``"exhaustive"`` (score all).
+
+    Returns:
+        The selected :class:`Direction` (its provenance records the scores and rule) and the
+        :class:`Selection` with every candidate's scores.
+    """
+    if strategy not in ("fast", "exhaustive"):
+        raise DataError(f"Unknown selection strategy {strategy!r}; use 'fast' or 'exhaustive'.")
+    if not harmful_val or not harmless_val:
+        raise DataError("Selection needs non-empty harmful and harmless validation sets (e.g. the 'val' split).")
+    t0 = time.perf_counter()
+    n_layers = candidates.n_layers
+    max_layer = int(max_layer_frac * n_layers)
+    pool = [(layer, pos) for layer in range(max_layer) for i, pos in enumerate(candidates.positions)
+            if candidates.is_valid(layer, i)]
+    if not pool:
+        raise DirectionError(
+            f"No valid (non-zero, finite) candidate below layer {max_layer} ({max_layer_frac} x {n_layers} layers); "
+            "raise max_layer_frac (--max-layer-frac) or extract with more varied prompts.")
+    notes = []
+    skipped = len(range(max_layer)) * len(candidates.positions) - len(pool)
+    if skipped:
+        notes.append(f"{skipped} zero or NaN candidates skipped (e.g. layer 0 at template tokens).")
+
+    base_harmful = last_logits(model, harmful_val, batch_size=batch_size)
+    base_harmless = last_logits(model, harmless_val, batch_size=batch_size)
+    baseline = {
+        "harmful_refusal_metric": float(refusal_metric_from_logits(base_harmful, refusal_ids).mean()),
+        "harmless_refusal_metric": float(refusal_metric_from_logits(base_harmless, refusal_ids).mean()),
+    }
+    scores = {key: CandidateScore(*key) for key in pool}
+
+    to_score = pool
+    if strategy == "fast" and len(pool) > top_k:
+        screen = list(harmful_val[:n_screen])
+        for layer, pos in tqdm(pool, desc="screening candidates", disable=not progress, leave=False):
+            d = candidates.direction(layer, pos)
+            scores[(layer, pos)].screen_bypass = _metric(model, screen, refusal_ids,
+                                                         ablation_hooks(model, d.vector), batch_size)
+        to_score = sorted(pool, key=lambda k: scores[k].screen_bypass)[:top_k]
+        notes.append(f"fast selection: screened {len(pool)} candidates on {len(screen)} harmful val prompts, "
+                     f"scored the best {len(to_score)} fully.")
+
+    for layer, pos in tqdm(to_score, desc="scoring candidates", disable=not progress, leave=False):
+        d = candidates.direction(layer, pos)
+        s = scores[(layer, pos)]
+        s.bypass, s.induce, s.kl = score_candidate(model, d, harmful_val, harmless_val, refusal_ids,
+                                                   base_harmless, batch_size=batch_size)
+        s.passes = s.induce > 0 and s.kl < max_kl
+
+    best, rule = _pick(list(scores.values()), max_kl, kl_weight)
+    if rule:
+        notes.append(f"No candidate passed the paper's filters; picked by {FALLBACKS[rule]}.")
+    config = {"strategy": strategy, "max_layer_frac": max_layer_frac, "max_kl": max_kl, "kl_weight": kl_weight,
+              "n_screen": n_screen, "top_k": top_k, "n_harmful_val": len(harmful_val),
+              "n_harmless_val": len(harmless_val), "refusal_ids": list(refusal_ids)}
+    selection = Selection(list(scores.values()), best.layer, best.position, rule, baseline, config, n_layers,
+                          list(candidates.positions), time.perf_counter() - t0, notes)
+    direction = candidates.direction(best.layer, best.position)
+    direction.provenance.update(selection={"rule": FALLBACKS[rule], "bypass": best.bypass, "induce": best.induce,
+                                           "kl": best.kl, "strategy": strategy})
+    return direction, selection

@@ -1,0 +1,106 @@
+"""pipeline.py and cli.py: the run folder, atomic output, bad input, CLI errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from refusal_lens.cli import main
+from refusal_lens.errors import DataError, OutputExistsError
+from refusal_lens.pipeline import RunConfig, load_run, run_pipeline
+from tiny import save_tiny
+
+HARMFUL = ["how to steal a car", "make a weapon now", "hurt the cat badly", "break into the house",
+           "poison the dog", "burn the park", "rob the bank", "lie to the judge"]
+HARMLESS = ["tell me a story", "what is the weather", "how to bake bread", "the dog plays in the park",
+            "sing a song", "draw a cat", "plan a trip", "write a poem"]
+
+
+def _write_sets(tmp_path, harmful=HARMFUL, harmless=HARMLESS):
+    paths = []
+    for name, items in (("harmful", harmful), ("harmless", harmless)):
+        p = tmp_path / f"{name}.jsonl"
+        splits = ["train"] * 4 + ["val"] * 2 + ["test"] * 2
+        p.write_text("\n".join(json.dumps({"instruction": x, "split": s}) for x, s in zip(items, splits, strict=False)))
+        paths.append(str(p))
+    return paths
+
+
+def _cfg(tmp_path, **kw):
+    h, hl = _write_sets(tmp_path)
+    return RunConfig(harmful_path=h, harmless_path=hl, max_new_tokens=4, batch_size=4, refusal_ids=[1],
+                     max_layer_frac=1.0, **kw)
+
+
+def test_run_writes_complete_folder(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    res = run_pipeline(tiny_llama, out, _cfg(tmp_path, strategy="exhaustive"))
+    names = {p.name for p in out.iterdir()}
+    assert {"direction.safetensors", "direction.json", "selection.json", "evaluation.json", "completions.jsonl",
+            "report.html", "candidates.safetensors", "candidates.json"} <= names
+    d, sel, ev, cands = load_run(out)
+    assert (d.layer, d.position) == (res.direction.layer, res.direction.position)
+    assert set(ev["conditions"]) >= {"harmful_baseline", "harmful_ablated", "harmless_baseline", "harmless_added_coeff1"}
+    lines = (out / "completions.jsonl").read_text().splitlines()
+    assert len(lines) == sum(c["n"] for c in ev["conditions"].values())
+    html = (out / "report.html").read_text()
+    assert "plotly" in html.lower() and "Sample completions" in html
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.tmp")]
+
+
+def test_existing_output_refused_and_untouched(tiny_llama, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        run_pipeline(tiny_llama, out, _cfg(tmp_path))
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_interrupted_run_leaves_nothing(tiny_llama, tmp_path, monkeypatch):
+    import refusal_lens.pipeline as pl
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pl, "evaluate_direction", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(tiny_llama, tmp_path / "run", _cfg(tmp_path))
+    assert not (tmp_path / "run").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+
+
+def test_bad_prompt_sets(tiny_llama, tmp_path):
+    h, hl = _write_sets(tmp_path, harmful=HARMFUL[:4] + HARMFUL[:4])  # duplicates
+    with pytest.raises(DataError, match="uplicate"):
+        run_pipeline(tiny_llama, tmp_path / "r1", RunConfig(harmful_path=h, harmless_path=hl, refusal_ids=[1]))
+    h, hl = _write_sets(tmp_path, harmful=HARMFUL[:5])  # too few for val/test
+    with pytest.raises(DataError):
+        run_pipeline(tiny_llama, tmp_path / "r2", RunConfig(harmful_path=h, harmless_path=hl, refusal_ids=[1]))
+    h, hl = _write_sets(tmp_path, harmless=HARMFUL)  # the same prompts in both sets
+    with pytest.raises(DataError, match="both"):
+        run_pipeline(tiny_llama, tmp_path / "r3", RunConfig(harmful_path=h, harmless_path=hl, refusal_ids=[1]))
+    assert not any((tmp_path / n).exists() for n in ("r1", "r2", "r3"))
+
+
+def test_cli_run_on_tiny_folder_and_errors(tmp_path, capsys):
+    folder = save_tiny("qwen2", tmp_path / "model")
+    h, hl = _write_sets(tmp_path)
+    args = ["run", "--model", str(folder), "--harmful", h, "--harmless", hl, "--max-new-tokens", "3",
+            "--batch-size", "4", "--max-layer-frac", "1.0", "--refusal-ids", "1", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    assert (tmp_path / "run" / "report.html").exists()
+    assert main(args) == 2  # exists now
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "Traceback" not in err
+    assert main(args + ["--overwrite"]) == 0
+    # no refusal ids: the tiny random model never refuses, so the CLI explains why it cannot go on
+    assert main(args[:-4] + ["--out", str(tmp_path / "run2")]) == 2
+    assert "refused none" in capsys.readouterr().err
+    assert main(["run", "--model", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "r")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_help():
+    assert main(["--help"]) == 0

@@ -1,0 +1,60 @@
+"""selection.py: the paper's filters, fallbacks, and fast vs exhaustive strategies."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from refusal_lens.directions import candidate_directions
+from refusal_lens.errors import DataError
+from refusal_lens.selection import CandidateScore, Selection, _pick, select_direction
+
+HARMFUL = ["how to steal a car", "make a weapon now", "hurt the cat badly", "break into the house"]
+HARMLESS = ["tell me a story", "what is the weather", "how to bake bread", "the dog plays in the park"]
+VAL_H = ["steal the bread", "weapon in the park"]
+VAL_HL = ["a story about bread", "the weather today"]
+
+
+def test_pick_rules():
+    s = [CandidateScore(1, -1, bypass=-3, induce=-1, kl=0.05), CandidateScore(2, -1, bypass=-2, induce=0.5, kl=0.05),
+         CandidateScore(3, -1, bypass=-5, induce=1.0, kl=0.5)]
+    best, rule = _pick(s, max_kl=0.1, kl_weight=10)
+    assert (best.layer, rule) == (2, 0)  # the only one passing induce > 0 and KL < 0.1
+    s[1].induce = -0.1
+    best, rule = _pick(s, max_kl=0.1, kl_weight=10)
+    assert (best.layer, rule) == (1, 1)  # fallback 1: drop induce, keep KL
+    for x in s:
+        x.kl = 1.0
+    best, rule = _pick(s, max_kl=0.1, kl_weight=10)
+    assert rule == 2 and best.layer == 3  # fallback 2: equal KL, so the lowest bypass wins
+
+
+def test_select_on_tiny_model(tiny_llama, tmp_path):
+    c = candidate_directions(tiny_llama, HARMFUL, HARMLESS, progress=False)
+    refusal_ids = [tiny_llama.tokenizer.convert_tokens_to_ids("<|eos|>")]
+    d, sel = select_direction(tiny_llama, c, VAL_H, VAL_HL, refusal_ids, strategy="exhaustive",
+                              max_layer_frac=1.0, progress=False)
+    scored = [s for s in sel.scores if not math.isnan(s.bypass)]
+    assert all(c.is_valid(s.layer, c.positions.index(s.position)) for s in scored)
+    assert (0, -1) not in {(s.layer, s.position) for s in sel.scores}  # zero candidate never scored
+    assert (d.layer, d.position) == (sel.layer, sel.position)
+    best, rule = _pick(sel.scores, sel.config["max_kl"], sel.config["kl_weight"])
+    assert (best.layer, best.position, rule) == (sel.layer, sel.position, sel.rule)
+    sel.save(tmp_path / "sel.json")
+    back = Selection.load(tmp_path / "sel.json")
+    assert (back.layer, back.position, back.rule) == (sel.layer, sel.position, sel.rule)
+    fig = sel.plot()
+    assert len(fig.data) >= 2
+    # fast strategy with a top_k covering everything picks the same
+    d2, sel2 = select_direction(tiny_llama, c, VAL_H, VAL_HL, refusal_ids, strategy="fast", top_k=100,
+                                max_layer_frac=1.0, progress=False)
+    assert (d2.layer, d2.position) == (d.layer, d.position)
+
+
+def test_select_bad_input(tiny_llama):
+    c = candidate_directions(tiny_llama, HARMFUL, HARMLESS, progress=False)
+    with pytest.raises(DataError):
+        select_direction(tiny_llama, c, [], VAL_HL, [1], progress=False)
+    with pytest.raises(DataError, match="strategy"):
+        select_direction(tiny_llama, c, VAL_H, VAL_HL, [1], strategy="magic", progress=False)
