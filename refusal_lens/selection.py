@@ -16,9 +16,20 @@ When no candidate passes, :func:`select_direction` relaxes the filters in a fixe
 Two strategies:
 
 * ``"exhaustive"`` -- every candidate gets all three scores on the full val sets (the paper).
-* ``"fast"`` (default) -- every candidate gets a *screening* bypass score on ``n_screen`` harmful val
-  prompts; the ``top_k`` best get the full three scores. Candidates that are zero / NaN are never scored.
-  ``scripts/bench_select.py`` measures both side by side.
+* ``"fast"`` (default) -- every candidate gets a *screening* bypass estimate, and only the ``top_k``
+  best get the full three scores. The screen is either
+
+  - ``screen="gradient"`` (default): a first-order (attribution-patching) estimate of the bypass score
+    for *all* candidates from one forward + backward pass over the harmful val prompts. Ablating ``r``
+    everywhere is the same as removing ``r`` from every write into the residual stream (embedding,
+    attention outputs, MLP outputs; appendix E), so with ``w_c`` those writes and ``g_c`` the gradient of
+    the mean refusal metric at the point each write lands, the change is
+    ``sum_c g_c . (-(w_c . r) r) = -r^T M r`` with ``M = sum_c g_c w_c^T`` (a ``d_model x d_model``
+    matrix accumulated once). Every candidate then costs one quadratic form.
+  - ``screen="exact"``: the exact bypass score on ``n_screen`` harmful val prompts per candidate.
+
+  Candidates that are zero / NaN are never scored. ``scripts/bench_select.py`` measures fast against
+  exhaustive side by side.
 """
 
 from __future__ import annotations
@@ -174,6 +185,54 @@ def score_candidate(model, direction: Direction, harmful_val: Sequence[str], har
     return bypass, induce, kl
 
 
+def _write_hooks(model) -> list[str]:
+    """Hook names of every write into the residual stream, in order."""
+    names = ["hook_embed"]
+    if "hook_pos_embed" in model.hook_dict:
+        names.append("hook_pos_embed")
+    for layer in range(model.cfg.n_layers):
+        names += [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"]
+    return names
+
+
+def gradient_screen_matrix(model, prompts: Sequence[str], refusal_ids: Sequence[int], *,
+                           batch_size: int = 8) -> tuple[torch.Tensor, float]:
+    """``M = sum_c g_c w_c^T / n`` over residual writes ``w_c`` and the gradients ``g_c`` of the mean
+    refusal metric there; ``-r^T M r`` estimates the change of the bypass score when ``r`` is ablated.
+
+    Returns:
+        ``(M [d_model, d_model] float64, mean refusal metric without intervention)``.
+    """
+    from refusal_lens.prompts import batches
+
+    d = model.cfg.d_model
+    M = torch.zeros(d, d, dtype=torch.float64)
+    total_metric, n = 0.0, len(prompts)
+    names = _write_hooks(model)
+    acts: list[torch.Tensor] = []
+
+    def keep(act, hook):
+        act = act if act.requires_grad else act.detach().requires_grad_(True)
+        act.retain_grad()
+        acts.append(act)
+        return act
+
+    for b in batches(model.tokenizer, prompts, batch_size):
+        acts.clear()
+
+        with torch.enable_grad(), model.hooks(fwd_hooks=[(name, keep) for name in names]):
+            logits = model(b.input_ids, attention_mask=b.attention_mask)[:, -1]
+            metric = refusal_metric_from_logits(logits, refusal_ids)
+            metric.sum().div(n).backward()
+        total_metric += float(metric.detach().sum())
+        mask = b.attention_mask.bool()
+        for act in acts:
+            g, w = act.grad[mask].double(), act.detach()[mask].double()  # [tokens, d_model]
+            M += g.T @ w
+    model.zero_grad(set_to_none=True)
+    return M, total_metric / n
+
+
 def _pick(scores: list[CandidateScore], max_kl: float, kl_weight: float) -> tuple[CandidateScore, int]:
     full = [s for s in scores if not math.isnan(s.bypass)]
     rules = [
@@ -197,9 +256,12 @@ def select_direction(
     max_layer_frac: float = 0.8,
     max_kl: float = 0.1,
     kl_weight: float = 10.0,
+    screen: str = "gradient",
     n_screen: int = 8,
     top_k: int = 8,
     batch_size: int = 16,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
     progress: bool = True,
 ) -> tuple[Direction, Selection]:
     """Pick a direction by the paper's bypass / induce / KL rule.
@@ -209,6 +271,7 @@ def select_direction(
         harmful_val, harmless_val: validation instructions (disjoint from the extraction prompts).
         refusal_ids: the model's refusal tokens (:func:`refusal_lens.evaluate.find_refusal_tokens`).
         strategy: ``"fast"`` (screen then score the ``top_k``) or ``"exhaustive"`` (score all).
+        layers, positions: restrict the search (e.g. for a quick look); default all below the layer limit.
 
     Returns:
         The selected :class:`Direction` (its provenance records the scores and rule) and the
@@ -222,7 +285,8 @@ def select_direction(
     n_layers = candidates.n_layers
     max_layer = int(max_layer_frac * n_layers)
     pool = [(layer, pos) for layer in range(max_layer) for i, pos in enumerate(candidates.positions)
-            if candidates.is_valid(layer, i)]
+            if candidates.is_valid(layer, i) and (layers is None or layer in layers)
+            and (positions is None or pos in positions)]
     if not pool:
         raise DirectionError(
             f"No valid (non-zero, finite) candidate below layer {max_layer} ({max_layer_frac} x {n_layers} layers); "
@@ -242,14 +306,25 @@ def select_direction(
 
     to_score = pool
     if strategy == "fast" and len(pool) > top_k:
-        screen = list(harmful_val[:n_screen])
-        for layer, pos in tqdm(pool, desc="screening candidates", disable=not progress, leave=False):
-            d = candidates.direction(layer, pos)
-            scores[(layer, pos)].screen_bypass = _metric(model, screen, refusal_ids,
-                                                         ablation_hooks(model, d.vector), batch_size)
+        if screen == "gradient":
+            M, base_metric = gradient_screen_matrix(model, list(harmful_val), refusal_ids,
+                                                    batch_size=max(1, batch_size // 2))
+            for layer, pos in pool:
+                r = candidates.direction(layer, pos).vector.double()
+                scores[(layer, pos)].screen_bypass = base_metric - float(r @ M @ r)
+            how = f"a first-order (gradient) bypass estimate on {len(harmful_val)} harmful val prompts"
+        elif screen == "exact":
+            screen_prompts = list(harmful_val[:n_screen])
+            for layer, pos in tqdm(pool, desc="screening candidates", disable=not progress, leave=False):
+                d = candidates.direction(layer, pos)
+                scores[(layer, pos)].screen_bypass = _metric(model, screen_prompts, refusal_ids,
+                                                             ablation_hooks(model, d.vector), batch_size)
+            how = f"the exact bypass score on {len(screen_prompts)} harmful val prompts"
+        else:
+            raise DataError(f"Unknown screen {screen!r}; use 'gradient' or 'exact'.")
         to_score = sorted(pool, key=lambda k: scores[k].screen_bypass)[:top_k]
-        notes.append(f"fast selection: screened {len(pool)} candidates on {len(screen)} harmful val prompts, "
-                     f"scored the best {len(to_score)} fully.")
+        notes.append(f"fast selection: screened {len(pool)} candidates by {how}; scored the best "
+                     f"{len(to_score)} fully.")
 
     for layer, pos in tqdm(to_score, desc="scoring candidates", disable=not progress, leave=False):
         d = candidates.direction(layer, pos)
@@ -261,7 +336,7 @@ def select_direction(
     best, rule = _pick(list(scores.values()), max_kl, kl_weight)
     if rule:
         notes.append(f"No candidate passed the paper's filters; picked by {FALLBACKS[rule]}.")
-    config = {"strategy": strategy, "max_layer_frac": max_layer_frac, "max_kl": max_kl, "kl_weight": kl_weight,
+    config = {"strategy": strategy, "screen": screen, "max_layer_frac": max_layer_frac, "max_kl": max_kl, "kl_weight": kl_weight,
               "n_screen": n_screen, "top_k": top_k, "n_harmful_val": len(harmful_val),
               "n_harmless_val": len(harmless_val), "refusal_ids": list(refusal_ids)}
     selection = Selection(list(scores.values()), best.layer, best.position, rule, baseline, config, n_layers,

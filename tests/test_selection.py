@@ -58,3 +58,26 @@ def test_select_bad_input(tiny_llama):
         select_direction(tiny_llama, c, [], VAL_HL, [1], progress=False)
     with pytest.raises(DataError, match="strategy"):
         select_direction(tiny_llama, c, VAL_H, VAL_HL, [1], strategy="magic", progress=False)
+
+
+def test_gradient_screen_is_the_derivative_of_ablation(tiny_model):
+    """-r^T M r is d/d(eps) of the mean refusal metric under partial ablation x - eps (x.r) r, at eps=0."""
+    import torch
+
+    from refusal_lens.interventions import hooks
+    from refusal_lens.selection import _metric, _write_hooks, gradient_screen_matrix
+
+    ids = [5, 9]
+    M, base = gradient_screen_matrix(tiny_model, HARMFUL, ids, batch_size=3)
+    r = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    r = r / r.norm()
+    eps = 1e-3
+
+    def partial(act, hook):
+        return act - eps * (act @ r).unsqueeze(-1) * r
+
+    fwd = [(name, partial) for name in _write_hooks(tiny_model)]
+    plus = _metric(tiny_model, HARMFUL, ids, fwd, 8)
+    assert abs(base - _metric(tiny_model, HARMFUL, ids, [], 8)) < 1e-5
+    est = -float(r.double() @ M @ r.double())
+    assert abs((plus - base) / eps - est) < 0.02 * abs(est) + 2e-3
