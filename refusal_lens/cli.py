@@ -164,6 +164,47 @@ def evaluate(
     print(json.dumps(res, indent=1))
 
 
+@app.command("export")
+def export_cmd(
+    direction: Path = typer.Option(..., "--direction", "-d", help="direction.safetensors from `run` or `select`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to create (plain `transformers` loads it)."),
+    model: str | None = MODEL_OPT,
+    streaming: bool = typer.Option(False, "--streaming", help="Edit a safetensors HF folder shard by shard "
+                                   "(memory ~ one shard); --model must then be that folder (default: the "
+                                   "embedded model's cache folder)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+    allow_other_model: bool = typer.Option(False, help="Accept a direction recorded for another model id."),
+) -> None:
+    """Orthogonalize the weights against a direction and write a Hugging Face folder, verified by reload."""
+    from refusal_lens.directions import Direction
+    from refusal_lens.io import check_output_dir
+
+    check_output_dir(out, overwrite)
+    d = Direction.load(direction)
+    evaluation = None
+    ev_path = direction.parent / "evaluation.json"
+    if ev_path.is_file():
+        import json
+
+        evaluation = json.loads(ev_path.read_text())
+    if streaming:
+        from refusal_lens.export import export_streaming
+        from refusal_lens.models import embedded_model_folder
+
+        src = Path(model) if model else embedded_model_folder()
+        report = export_streaming(src, d, out, overwrite=overwrite, evaluation=evaluation,
+                                  allow_other_model=allow_other_model)
+    else:
+        from refusal_lens.export import export
+
+        m = _load(model)
+        report = export(m, d, out, overwrite=overwrite, evaluation=evaluation, allow_other_model=allow_other_model)
+    checks = (f"reload vs in-memory max |logit diff| {report.max_logit_diff:.2e}, hook ablation vs weights "
+              f"{report.hook_ablation_diff:.2e}" if report.max_logit_diff is not None and report.hook_ablation_diff
+              is not None else "streaming: no model loaded")
+    console.print(f"[bold green]exported[/] -> {out} in {report.seconds:.0f} s ({checks})")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app, printing RefusalLensError as one red line (exit 2)."""
     try:

@@ -104,3 +104,24 @@ def test_cli_run_on_tiny_folder_and_errors(tmp_path, capsys):
 
 def test_cli_help():
     assert main(["--help"]) == 0
+
+
+def test_cli_export_in_memory_and_streaming(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny("llama", tmp_path / "model")
+    h, hl = _write_sets(tmp_path)
+    run = tmp_path / "run"
+    assert main(["run", "--model", str(folder), "--harmful", h, "--harmless", hl, "--max-new-tokens", "2",
+                 "--batch-size", "4", "--max-layer-frac", "1.0", "--refusal-ids", "1", "--out", str(run),
+                 "--export", str(tmp_path / "exp0")]) == 0
+    assert (tmp_path / "exp0" / "config.json").exists()
+    d = str(run / "direction.safetensors")
+    assert main(["export", "-d", d, "--model", str(folder), "--out", str(tmp_path / "exp1")]) == 0
+    assert main(["export", "-d", d, "--model", str(folder), "--streaming", "--out", str(tmp_path / "exp2")]) == 0
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "exp1")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "exp2")
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all((sa[k] - sb[k]).abs().max() < 1e-6 for k in sa)
+    assert main(["export", "-d", d, "--model", str(folder), "--out", str(tmp_path / "exp1")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
