@@ -53,7 +53,7 @@ def run(
     max_new_tokens: int = typer.Option(48, help="Tokens generated per completion."),
     batch_size: int = typer.Option(16, help="Prompts per forward pass."),
     strategy: str = typer.Option("fast", help="Selection: 'fast' (screen, then score top-k) or 'exhaustive'."),
-    top_k: int = typer.Option(8, help="Candidates fully scored after screening (fast strategy)."),
+    top_k: int = typer.Option(5, help="Candidates fully scored after screening (fast strategy)."),
     max_layer_frac: float = typer.Option(0.8, help="Only candidates at layers < this fraction of the depth."),
     refusal_ids: str | None = typer.Option(None, help="Comma-separated refusal token ids (default: found from "
                                            "the model's own refusals on harmful train prompts)."),

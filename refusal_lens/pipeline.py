@@ -45,7 +45,7 @@ from refusal_lens.selection import Selection, select_direction
 logger = logging.getLogger(__name__)
 console = Console(stderr=True, soft_wrap=True)
 
-ADD_COEFFS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
+ADD_COEFFS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
 
 
 @dataclass
@@ -58,7 +58,7 @@ class RunConfig:
     max_new_tokens: int = 48
     batch_size: int = 16
     strategy: str = "fast"
-    top_k: int = 8
+    top_k: int = 5
     n_screen: int = 8
     max_layer_frac: float = 0.8
     target_induced_refusal: float = 0.7

@@ -16,8 +16,10 @@ When no candidate passes, :func:`select_direction` relaxes the filters in a fixe
 Two strategies:
 
 * ``"exhaustive"`` -- every candidate gets all three scores on the full val sets (the paper).
-* ``"fast"`` (default) -- every candidate gets a *screening* bypass estimate, and only the ``top_k``
-  best get the full three scores. The screen is either
+* ``"fast"`` (default) -- every candidate gets a *screening* bypass estimate; the best position of each
+  layer gets a *screening* KL on ``n_screen`` harmless val prompts; the ``top_k`` lowest screening
+  bypass among those with screening KL < ``kl_slack * max_kl`` get the full three scores. The bypass
+  screen is either
 
   - ``screen="gradient"`` (default): a first-order (attribution-patching) estimate of the bypass score
     for *all* candidates from one forward + backward pass over the harmful val prompts. Ablating ``r``
@@ -66,6 +68,7 @@ class CandidateScore:
     induce: float = math.nan
     kl: float = math.nan
     screen_bypass: float = math.nan
+    screen_kl: float = math.nan
     passes: bool = False
 
 
@@ -135,7 +138,8 @@ class Selection:
         from plotly.subplots import make_subplots
 
         metrics = [("bypass", "bypass (lower = refusal removed)"), ("induce", "induce (> 0 = refusal added)"),
-                   ("kl", "KL on harmless"), ("screen_bypass", "screening bypass")]
+                   ("kl", "KL on harmless"), ("screen_bypass", "screening bypass"),
+                   ("screen_kl", "screening KL")]
         metrics = [m for m in metrics if not torch.isnan(self.grid(m[0])).all()]
         fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[t for _, t in metrics], shared_yaxes=True)
         x = [str(p) for p in self.positions]
@@ -258,7 +262,8 @@ def select_direction(
     kl_weight: float = 10.0,
     screen: str = "gradient",
     n_screen: int = 8,
-    top_k: int = 8,
+    top_k: int = 5,
+    kl_slack: float = 1.5,
     batch_size: int = 16,
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
@@ -322,9 +327,24 @@ def select_direction(
             how = f"the exact bypass score on {len(screen_prompts)} harmful val prompts"
         else:
             raise DataError(f"Unknown screen {screen!r}; use 'gradient' or 'exact'.")
-        to_score = sorted(pool, key=lambda k: scores[k].screen_bypass)[:top_k]
-        notes.append(f"fast selection: screened {len(pool)} candidates by {how}; scored the best "
-                     f"{len(to_score)} fully.")
+        # the KL filter removes most late-layer candidates, so screen KL too: on the best position of
+        # each layer (by screening bypass), on n_screen harmless val prompts
+        per_layer: dict[int, tuple[int, int]] = {}
+        for key in sorted(pool, key=lambda k: scores[k].screen_bypass):
+            per_layer.setdefault(key[0], key)
+        kl_prompts = list(harmless_val[:n_screen])
+        base_kl_logits = base_harmless[: len(kl_prompts)]
+        for key in tqdm(per_layer.values(), desc="screening KL", disable=not progress, leave=False):
+            d = candidates.direction(*key)
+            with hooks(model, ablation_hooks(model, d.vector)):
+                scores[key].screen_kl = kl_last(base_kl_logits, last_logits(model, kl_prompts, batch_size=batch_size))
+        ranked = sorted(per_layer.values(), key=lambda k: (scores[k].screen_kl >= max_kl * kl_slack,
+                                                           scores[k].screen_bypass))
+        to_score = ranked[:top_k]
+        notes.append(f"fast selection: screened {len(pool)} candidates by {how}; screened KL on the best "
+                     f"position of each of {len(per_layer)} layers ({len(kl_prompts)} harmless val prompts); "
+                     f"scored the {len(to_score)} with the lowest screening bypass among those with screening KL "
+                     f"< {kl_slack} x {max_kl} fully.")
 
     for layer, pos in tqdm(to_score, desc="scoring candidates", disable=not progress, leave=False):
         d = candidates.direction(layer, pos)
