@@ -50,10 +50,10 @@ def run(
     n_train: int = typer.Option(128, help="Train prompts per set (extraction)."),
     n_val: int = typer.Option(32, help="Val prompts per set (selection)."),
     n_test: int | None = typer.Option(None, help="Test prompts per set (evaluation; default all)."),
-    max_new_tokens: int = typer.Option(48, help="Tokens generated per completion."),
+    max_new_tokens: int = typer.Option(40, help="Tokens generated per completion."),
     batch_size: int = typer.Option(16, help="Prompts per forward pass."),
     strategy: str = typer.Option("fast", help="Selection: 'fast' (screen, then score top-k) or 'exhaustive'."),
-    top_k: int = typer.Option(5, help="Candidates fully scored after screening (fast strategy)."),
+    top_k: int = typer.Option(6, help="Candidates fully scored after screening (fast strategy)."),
     max_layer_frac: float = typer.Option(0.8, help="Only candidates at layers < this fraction of the depth."),
     refusal_ids: str | None = typer.Option(None, help="Comma-separated refusal token ids (default: found from "
                                            "the model's own refusals on harmful train prompts)."),
@@ -203,6 +203,78 @@ def export_cmd(
               f"{report.hook_ablation_diff:.2e}" if report.max_logit_diff is not None and report.hook_ablation_diff
               is not None else "streaming: no model loaded")
     console.print(f"[bold green]exported[/] -> {out} in {report.seconds:.0f} s ({checks})")
+
+
+@app.command()
+def suffix(
+    direction: Path = typer.Option(..., "--direction", "-d", help="direction.safetensors from `run`."),
+    out: Path = typer.Option(Path("suffix.json"), "--out", "-o", help="JSON file for the suffix."),
+    model: str | None = MODEL_OPT,
+    objective: str = typer.Option("direction", help="'direction' (push the last-token projection down) or "
+                                  "'target' (make the reply start with --target)."),
+    target: str = typer.Option("Sure, here is", help="Target reply prefix for --objective target."),
+    n_prompts: int = typer.Option(8, help="Harmful train prompts the universal suffix is optimised on."),
+    n_tokens: int = typer.Option(20, help="Suffix length in tokens."),
+    steps: int = typer.Option(50, help="GCG steps."),
+    search_width: int = typer.Option(64, help="Candidates evaluated per step."),
+    max_minutes: float | None = typer.Option(None, help="Stop after this wall time."),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Search a universal adversarial suffix (GCG) on harmful train prompts."""
+    from refusal_lens.data import load_builtin
+    from refusal_lens.directions import Direction
+    from refusal_lens.errors import OutputExistsError
+    from refusal_lens.suffix import search_suffix
+
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} exists; pass --overwrite or choose another --out.")
+    d = Direction.load(direction)
+    m = _load(model)
+    res = search_suffix(m, load_builtin("harmful", "train")[:n_prompts], direction=d, objective=objective,
+                        target=target, n_tokens=n_tokens, steps=steps, search_width=search_width, seed=seed,
+                        max_seconds=max_minutes * 60 if max_minutes else None)
+    res.save(out)
+    console.print(f"suffix {res.suffix!r} -> {out} ({res.seconds:.0f} s)")
+
+
+@app.command()
+def hijack(
+    direction: Path = typer.Option(..., "--direction", "-d", help="direction.safetensors from `run`."),
+    out: Path = typer.Option(Path("hijack"), "--out", "-o", help="Folder for hijack.html and the numbers."),
+    suffix_file: Path | None = typer.Option(None, "--suffix", help="suffix.json from `refusal-lens suffix` "
+                                            "(default: search one first; ~10 CPU minutes on the embedded model)."),
+    model: str | None = MODEL_OPT,
+    n_prompts: int = typer.Option(24, help="Harmful and harmless test prompts analysed."),
+    top_k: int = typer.Option(8, help="Heads followed."),
+    search_minutes: float = typer.Option(10.0, help="Budget of the suffix search when --suffix is not given."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Attention hijacking (paper section 5): cosine by layer, top heads, attention mass, hijack.html."""
+    from refusal_lens.data import load_builtin
+    from refusal_lens.directions import Direction
+    from refusal_lens.hijack import hijack_analysis
+    from refusal_lens.io import atomic_dir, check_output_dir
+    from refusal_lens.suffix import SuffixResult, search_suffix
+
+    check_output_dir(out, overwrite)
+    d = Direction.load(direction)
+    m = _load(model)
+    d.check_model(m)
+    if suffix_file is not None:
+        adv = SuffixResult.load(suffix_file)
+    else:
+        console.print(f"no --suffix: searching one on 8 harmful train prompts (budget {search_minutes:.0f} min)")
+        adv = search_suffix(m, load_builtin("harmful", "train")[:8], direction=d, steps=500,
+                            max_seconds=search_minutes * 60)
+        console.print(f"  found {adv.suffix!r} in {adv.seconds:.0f} s")
+    report = hijack_analysis(m, d, load_builtin("harmful", "test")[:n_prompts],
+                             load_builtin("harmless", "test")[:n_prompts], adv, top_k=top_k)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        report.save(tmp)
+        if suffix_file is None:
+            adv.save(tmp / "suffix.json")
+    console.print(f"wrote {out}/hijack.html")
 
 
 def main(argv: list[str] | None = None) -> int:

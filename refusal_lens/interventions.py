@@ -146,6 +146,7 @@ def generate(
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     use_past_kv_cache=use_cache,
+                    use_cache=use_cache,  # hf_generate only forwards True; the model's default is True
                     return_type="tokens",
                     pad_token_id=tok.pad_token_id,
                     top_k=None,

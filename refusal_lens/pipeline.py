@@ -55,10 +55,10 @@ class RunConfig:
     n_train: int = 128
     n_val: int = 32
     n_test: int | None = None
-    max_new_tokens: int = 48
+    max_new_tokens: int = 40
     batch_size: int = 16
     strategy: str = "fast"
-    top_k: int = 5
+    top_k: int = 6
     n_screen: int = 8
     max_layer_frac: float = 0.8
     target_induced_refusal: float = 0.7

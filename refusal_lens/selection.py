@@ -53,9 +53,15 @@ from refusal_lens.interventions import ablation_hooks, addition_hooks, hooks
 
 FALLBACKS = (
     "paper: induce > 0, KL < max_kl, layer < max_layer_frac * L; lowest bypass",
-    "fallback 1: drop the induce filter (KL < max_kl, layer filter); lowest bypass",
-    "fallback 2: layer filter only; lowest bypass + kl_weight * KL",
+    "fallback 1: drop the induce filter; among effective candidates (bypass <= the harmless baseline "
+    "metric) with KL < max_kl, lowest bypass",
+    "fallback 2: no effective candidate has KL < max_kl; among effective candidates, lowest KL",
+    "fallback 3: no effective candidate; lowest bypass + kl_weight * KL",
 )
+"""Selection rules in order. A candidate is *effective* when ablating it makes harmful prompts look no
+more refusal-prone than harmless ones do without intervention (bypass <= mean refusal metric on harmless
+val): a direction that passes the KL filter but barely moves refusal is no refusal direction. Rule 2
+prefers the least damaging direction that works over one that does not work."""
 
 
 @dataclass
@@ -221,32 +227,52 @@ def gradient_screen_matrix(model, prompts: Sequence[str], refusal_ids: Sequence[
         acts.append(act)
         return act
 
-    for b in batches(model.tokenizer, prompts, batch_size):
-        acts.clear()
-
-        with torch.enable_grad(), model.hooks(fwd_hooks=[(name, keep) for name in names]):
-            logits = model(b.input_ids, attention_mask=b.attention_mask)[:, -1]
-            metric = refusal_metric_from_logits(logits, refusal_ids)
-            metric.sum().div(n).backward()
-        total_metric += float(metric.detach().sum())
-        mask = b.attention_mask.bool()
-        for act in acts:
-            g, w = act.grad[mask].double(), act.detach()[mask].double()  # [tokens, d_model]
-            M += g.T @ w
-    model.zero_grad(set_to_none=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # only activation gradients are needed: no weight gradients (a third of the cost)
+        p.requires_grad_(False)
+    try:
+        for b in batches(model.tokenizer, prompts, batch_size):
+            acts.clear()
+            total_metric += _accumulate_screen(model, b, names, keep, acts, refusal_ids, n, M)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     return M, total_metric / n
 
 
-def _pick(scores: list[CandidateScore], max_kl: float, kl_weight: float) -> tuple[CandidateScore, int]:
+def _accumulate_screen(model, b, names, keep, acts, refusal_ids, n, M) -> float:
+    from refusal_lens.activations import run_until
+    from refusal_lens.evaluate import _has_softcap
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(name, keep) for name in names]):
+        if _has_softcap(model):
+            logits = model(b.input_ids, attention_mask=b.attention_mask)[:, -1]
+        else:
+            resid = run_until(model, "ln_final.hook_in", b.input_ids, b.attention_mask)
+            logits = model.unembed(model.ln_final(resid[:, -1:, :]))[:, 0]  # unembed one position only
+        metric = refusal_metric_from_logits(logits, refusal_ids)
+        metric.sum().div(n).backward()
+    mask = b.attention_mask.bool()
+    for act in acts:
+        if act.grad is not None:
+            g, w = act.grad[mask].double(), act.detach()[mask].double()  # [tokens, d_model]
+            M += g.T @ w
+    return float(metric.detach().sum())
+
+
+def _pick(scores: list[CandidateScore], max_kl: float, kl_weight: float,
+          effective: float = math.inf) -> tuple[CandidateScore, int]:
+    """Apply :data:`FALLBACKS` in order; ``effective`` is the bypass threshold of rules 1-2."""
     full = [s for s in scores if not math.isnan(s.bypass)]
-    rules = [
-        [s for s in full if s.induce > 0 and s.kl < max_kl],
-        [s for s in full if s.kl < max_kl],
-    ]
-    for rule, pool in enumerate(rules):
-        if pool:
-            return min(pool, key=lambda s: s.bypass), rule
-    return min(full, key=lambda s: s.bypass + kl_weight * s.kl), 2
+    works = [s for s in full if s.bypass <= effective]
+    paper = [s for s in full if s.induce > 0 and s.kl < max_kl]
+    if paper:
+        return min(paper, key=lambda s: s.bypass), 0
+    if pool := [s for s in works if s.kl < max_kl]:
+        return min(pool, key=lambda s: s.bypass), 1
+    if works:
+        return min(works, key=lambda s: s.kl), 2
+    return min(full, key=lambda s: s.bypass + kl_weight * s.kl), 3
 
 
 def select_direction(
@@ -262,7 +288,7 @@ def select_direction(
     kl_weight: float = 10.0,
     screen: str = "gradient",
     n_screen: int = 8,
-    top_k: int = 5,
+    top_k: int = 6,
     kl_slack: float = 1.5,
     batch_size: int = 16,
     layers: Sequence[int] | None = None,
@@ -338,13 +364,16 @@ def select_direction(
             d = candidates.direction(*key)
             with hooks(model, ablation_hooks(model, d.vector)):
                 scores[key].screen_kl = kl_last(base_kl_logits, last_logits(model, kl_prompts, batch_size=batch_size))
-        ranked = sorted(per_layer.values(), key=lambda k: (scores[k].screen_kl >= max_kl * kl_slack,
-                                                           scores[k].screen_bypass))
-        to_score = ranked[:top_k]
+        # score the best by screening bypass among low-KL layers, and the best overall (which may be the only
+        # effective ones): both kinds feed the rules of FALLBACKS
+        low_kl = [k for k in sorted(per_layer.values(), key=lambda k: scores[k].screen_bypass)
+                  if scores[k].screen_kl < max_kl * kl_slack]
+        overall = sorted(pool, key=lambda k: scores[k].screen_bypass)
+        to_score = list(dict.fromkeys(low_kl[: (top_k + 1) // 2] + overall))[:top_k]
         notes.append(f"fast selection: screened {len(pool)} candidates by {how}; screened KL on the best "
                      f"position of each of {len(per_layer)} layers ({len(kl_prompts)} harmless val prompts); "
-                     f"scored the {len(to_score)} with the lowest screening bypass among those with screening KL "
-                     f"< {kl_slack} x {max_kl} fully.")
+                     f"scored fully the lowest screening bypass among those with screening KL < {kl_slack} x {max_kl} "
+                     f"and overall ({len(to_score)} candidates).")
 
     for layer, pos in tqdm(to_score, desc="scoring candidates", disable=not progress, leave=False):
         d = candidates.direction(layer, pos)
@@ -353,7 +382,7 @@ def select_direction(
                                                    base_harmless, batch_size=batch_size)
         s.passes = s.induce > 0 and s.kl < max_kl
 
-    best, rule = _pick(list(scores.values()), max_kl, kl_weight)
+    best, rule = _pick(list(scores.values()), max_kl, kl_weight, effective=baseline["harmless_refusal_metric"])
     if rule:
         notes.append(f"No candidate passed the paper's filters; picked by {FALLBACKS[rule]}.")
     config = {"strategy": strategy, "screen": screen, "max_layer_frac": max_layer_frac, "max_kl": max_kl, "kl_weight": kl_weight,

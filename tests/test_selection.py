@@ -18,16 +18,16 @@ VAL_HL = ["a story about bread", "the weather today"]
 
 def test_pick_rules():
     s = [CandidateScore(1, -1, bypass=-3, induce=-1, kl=0.05), CandidateScore(2, -1, bypass=-2, induce=0.5, kl=0.05),
-         CandidateScore(3, -1, bypass=-5, induce=1.0, kl=0.5)]
-    best, rule = _pick(s, max_kl=0.1, kl_weight=10)
+         CandidateScore(3, -1, bypass=-5, induce=1.0, kl=0.5), CandidateScore(4, -1, bypass=-6, induce=-1, kl=0.3)]
+    best, rule = _pick(s, max_kl=0.1, kl_weight=10, effective=-2.5)
     assert (best.layer, rule) == (2, 0)  # the only one passing induce > 0 and KL < 0.1
     s[1].induce = -0.1
-    best, rule = _pick(s, max_kl=0.1, kl_weight=10)
-    assert (best.layer, rule) == (1, 1)  # fallback 1: drop induce, keep KL
-    for x in s:
-        x.kl = 1.0
-    best, rule = _pick(s, max_kl=0.1, kl_weight=10)
-    assert rule == 2 and best.layer == 3  # fallback 2: equal KL, so the lowest bypass wins
+    best, rule = _pick(s, max_kl=0.1, kl_weight=10, effective=-2.5)
+    assert (best.layer, rule) == (1, 1)  # fallback 1: effective (bypass <= -2.5) with KL < 0.1
+    best, rule = _pick(s, max_kl=0.1, kl_weight=10, effective=-4)
+    assert (best.layer, rule) == (4, 2)  # fallback 2: effective ones (layers 3, 4) all have KL > 0.1: lowest KL
+    best, rule = _pick(s, max_kl=0.1, kl_weight=10, effective=-10)
+    assert (best.layer, rule) == (4, 3)  # fallback 3: none effective: bypass + 10 KL (-6 + 3 is the lowest)
 
 
 def test_select_on_tiny_model(tiny_llama, tmp_path):
@@ -39,7 +39,8 @@ def test_select_on_tiny_model(tiny_llama, tmp_path):
     assert all(c.is_valid(s.layer, c.positions.index(s.position)) for s in scored)
     assert (0, -1) not in {(s.layer, s.position) for s in sel.scores}  # zero candidate never scored
     assert (d.layer, d.position) == (sel.layer, sel.position)
-    best, rule = _pick(sel.scores, sel.config["max_kl"], sel.config["kl_weight"])
+    best, rule = _pick(sel.scores, sel.config["max_kl"], sel.config["kl_weight"],
+                       effective=sel.baseline["harmless_refusal_metric"])
     assert (best.layer, best.position, rule) == (sel.layer, sel.position, sel.rule)
     sel.save(tmp_path / "sel.json")
     back = Selection.load(tmp_path / "sel.json")
@@ -64,7 +65,6 @@ def test_gradient_screen_is_the_derivative_of_ablation(tiny_model):
     """-r^T M r is d/d(eps) of the mean refusal metric under partial ablation x - eps (x.r) r, at eps=0."""
     import torch
 
-    from refusal_lens.interventions import hooks
     from refusal_lens.selection import _metric, _write_hooks, gradient_screen_matrix
 
     ids = [5, 9]
