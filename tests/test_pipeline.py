@@ -125,3 +125,25 @@ def test_cli_export_in_memory_and_streaming(tmp_path, capsys):
     assert all((sa[k] - sb[k]).abs().max() < 1e-6 for k in sa)
     assert main(["export", "-d", d, "--model", str(folder), "--out", str(tmp_path / "exp1")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_suffix_and_hijack_on_tiny_model(tmp_path, capsys):
+    folder = save_tiny("llama", tmp_path / "model")
+    h, hl = _write_sets(tmp_path)
+    run = tmp_path / "run"
+    assert main(["run", "--model", str(folder), "--harmful", h, "--harmless", hl, "--max-new-tokens", "2",
+                 "--batch-size", "4", "--max-layer-frac", "1.0", "--refusal-ids", "1", "--out", str(run)]) == 0
+    d = str(run / "direction.safetensors")
+    sfx = tmp_path / "suffix.json"
+    assert main(["suffix", "-d", d, "--model", str(folder), "--out", str(sfx), "--n-prompts", "2",
+                 "--n-tokens", "3", "--steps", "2", "--search-width", "4"]) == 0
+    assert sfx.exists()
+    assert main(["suffix", "-d", d, "--model", str(folder), "--out", str(sfx)]) == 2  # exists
+    out = tmp_path / "hijack"
+    assert main(["hijack", "-d", d, "--model", str(folder), "--suffix", str(sfx), "--out", str(out),
+                 "--n-prompts", "3", "--top-k", "2"]) == 0
+    assert (out / "hijack.html").exists() and (out / "hijack.json").exists()
+    other = tmp_path / "model2"
+    save_tiny("qwen2", other)
+    assert main(["hijack", "-d", d, "--model", str(other), "--suffix", str(sfx), "--out", str(tmp_path / "h2")]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -1,0 +1,569 @@
+"""How an adversarial suffix hijacks attention away from the refusal direction (paper section 5).
+
+For four conditions -- harmful prompts with no suffix, with the adversarial suffix, with a random suffix of
+the same token length, and harmless prompts -- :func:`hijack_analysis` measures at the last token:
+
+1. the cosine similarity of the residual stream with the refusal direction at every block input and at
+   the final residual (mean and std over prompts);
+2. the top-``k`` heads by direct attribution onto the direction (chosen on harmful prompts without a
+   suffix; see :mod:`refusal_lens.attribution`) and their attribution under every condition;
+3. where those heads look: the share of the last token's attention on the instruction's tokens, the
+   suffix's tokens, the chat template's tokens, and the first token (the usual attention sink), with
+   token-level attention rows of one example prompt per condition.
+
+Token spans are located from character offsets of the rendered chat prompt (template prefix, instruction,
+suffix, post-instruction template), so they do not depend on a per-family table.
+
+Example:
+    >>> res = SuffixResult.load("suffix.json")
+    >>> report = hijack_analysis(model, direction, harmful_test[:32], harmless_test[:32], res)
+    >>> report.summary()["cosine_at_layer"]; report.save("out/hijack")   # hijack.json + hijack.html
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from refusal_lens.attribution import capture, component_hook_names, head_label, project_components
+from refusal_lens.directions import Direction
+from refusal_lens.errors import DataError, RefusalLensError
+from refusal_lens.prompts import ChatFormat, batches
+from refusal_lens.suffix import SuffixResult
+from refusal_lens.suffix import random_suffix as draw_random_suffix
+
+FORMAT_VERSION = 1
+SPANS = ("instruction", "suffix", "template", "first_token")
+HARMFUL, ADVERSARIAL, RANDOM, HARMLESS = "harmful", "harmful+adversarial", "harmful+random", "harmless"
+COLORS = {HARMFUL: "#c0392b", ADVERSARIAL: "#8e44ad", RANDOM: "#e67e22", HARMLESS: "#27ae60"}
+
+
+class HijackError(RefusalLensError):
+    """The hijack analysis cannot run on these inputs."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Token spans
+# --------------------------------------------------------------------------------------------------
+
+
+def token_spans(
+    tokenizer, fmt: ChatFormat, instruction: str, suffix: str = ""
+) -> tuple[list[int], list[str], list[str]]:
+    """Token ids, token strings and span names (``SPANS``) of ``fmt.format(instruction + suffix)``.
+
+    Each token belongs to the span holding its first character; the first token is ``first_token``.
+    """
+    text = fmt.format(instruction + suffix)
+    a = len(fmt.prefix)
+    b = a + len(instruction)
+    c = b + len(suffix)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        ids = enc["input_ids"]
+    except (NotImplementedError, TypeError, KeyError):  # slow tokenizers: fall back to lengths
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        n_pre = len(tokenizer(fmt.prefix + instruction, add_special_tokens=False)["input_ids"])
+        n_prefix = len(tokenizer(fmt.prefix, add_special_tokens=False)["input_ids"])
+        n_post = fmt.n_post
+        offsets = None
+        names = (
+            ["template"] * n_prefix
+            + ["instruction"] * (n_pre - n_prefix)
+            + ["suffix"] * (len(ids) - n_pre - n_post)
+            + ["template"] * n_post
+        )
+    if offsets is not None:
+        names = []
+        for start, _end in offsets:
+            if a <= start < b:
+                names.append("instruction")
+            elif b <= start < c:
+                names.append("suffix")
+            else:
+                names.append("template")
+    if names:
+        names[0] = "first_token"
+    strings = [
+        tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in ids
+    ]
+    return ids, strings, names
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------------
+
+
+def _mean_std(x: Tensor) -> tuple[list[float], list[float]]:
+    x = x.to(torch.float64)
+    std = x.std(0, unbiased=False) if x.shape[0] > 1 else torch.zeros_like(x[0])
+    return x.mean(0).tolist(), std.tolist()
+
+
+@dataclass
+class HijackReport:
+    """Results of :func:`hijack_analysis` (all lists are plain floats, JSON-ready).
+
+    Attributes:
+        conditions: condition names in order (``harmful``, ``harmful+adversarial``, ``harmful+random``,
+            ``harmless``; suffix conditions are absent when no suffix was given).
+        layer_labels: ``"0"`` .. ``"n-1"`` (block inputs) and ``"final"`` (final residual, before the norm).
+        cosine_mean, cosine_std: per condition, the last-token cosine with the direction per layer label.
+        projection_mean: per condition, the mean projection onto the direction at the direction's layer.
+        top_heads: ``[layer, head]`` pairs, top-``k`` by direct attribution on harmful prompts, no suffix.
+        head_attr_mean, head_attr_std: per condition, attribution of each top head.
+        head_attr_grid: per condition, the ``[layer][head]`` mean attribution of every head.
+        attention_mass: per condition, per span, the mean share of each top head's last-token attention.
+        examples: per condition, one prompt's tokens, span names and the top heads' attention rows.
+        metadata: direction, model, suffix texts, prompt counts.
+    """
+
+    conditions: list[str]
+    layer_labels: list[str]
+    cosine_mean: dict[str, list[float]]
+    cosine_std: dict[str, list[float]]
+    projection_mean: dict[str, float]
+    top_heads: list[list[int]]
+    head_attr_mean: dict[str, list[float]]
+    head_attr_std: dict[str, list[float]]
+    head_attr_grid: dict[str, list[list[float]]]
+    attention_mass: dict[str, dict[str, list[float]]]
+    examples: dict[str, dict]
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def head_labels(self) -> list[str]:
+        return [head_label(layer, head) for layer, head in self.top_heads]
+
+    def summary(self) -> dict:
+        """Headline numbers: cosine at the direction's layer, top-head attribution, attention shares."""
+        idx = self.layer_labels.index(str(self.metadata["direction_layer"]))
+        out: dict = {
+            "direction_layer": self.metadata["direction_layer"],
+            "cosine_at_layer": {c: self.cosine_mean[c][idx] for c in self.conditions},
+            "cosine_final": {c: self.cosine_mean[c][-1] for c in self.conditions},
+            "projection_at_layer": dict(self.projection_mean),
+            "top_heads": self.head_labels,
+            "top_head_attribution_sum": {c: float(sum(self.head_attr_mean[c])) for c in self.conditions},
+            "attention_share_mean_over_top_heads": {
+                c: {s: float(sum(v) / len(v)) if v else 0.0 for s, v in self.attention_mass[c].items()}
+                for c in self.conditions
+            },
+        }
+        if ADVERSARIAL in self.conditions and RANDOM in self.conditions:
+            out["cosine_drop_adversarial_vs_random"] = (
+                out["cosine_at_layer"][RANDOM] - out["cosine_at_layer"][ADVERSARIAL]
+            )
+        return out
+
+    # ---- figures ----
+
+    def plot_cosine(self):
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        x = list(range(len(self.layer_labels)))
+        for c in self.conditions:
+            mean = self.cosine_mean[c]
+            std = self.cosine_std[c]
+            color = COLORS.get(c, "#555")
+            upper = [m + s for m, s in zip(mean, std, strict=True)]
+            lower = [m - s for m, s in zip(mean, std, strict=True)]
+            fig.add_trace(
+                go.Scatter(
+                    x=x + x[::-1],
+                    y=upper + lower[::-1],
+                    fill="toself",
+                    fillcolor=color,
+                    opacity=0.15,
+                    line=dict(width=0),
+                    hoverinfo="skip",
+                    showlegend=False,
+                )
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=mean,
+                    mode="lines+markers",
+                    name=c,
+                    line=dict(color=color),
+                    customdata=std,
+                    hovertemplate=f"{c}<br>layer %{{x}}: %{{y:.3f}} ± %{{customdata:.3f}}<extra></extra>",
+                )
+            )
+        layer = self.metadata.get("direction_layer")
+        if layer is not None:
+            fig.add_vline(x=layer, line_dash="dot", annotation_text="direction layer")
+        fig.update_layout(
+            title="cosine of the last-token residual with the refusal direction (mean ± std)",
+            xaxis=dict(
+                title="layer (block input; last = final residual)", tickvals=x, ticktext=self.layer_labels
+            ),
+            yaxis_title="cosine similarity",
+            height=420,
+        )
+        return fig
+
+    def plot_attribution(self):
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        for c in self.conditions:
+            fig.add_trace(
+                go.Bar(
+                    x=self.head_labels,
+                    y=self.head_attr_mean[c],
+                    name=c,
+                    marker_color=COLORS.get(c, "#555"),
+                    error_y=dict(type="data", array=self.head_attr_std[c], visible=True),
+                )
+            )
+        fig.update_layout(
+            barmode="group",
+            height=420,
+            yaxis_title="direct attribution onto the direction",
+            title=f"top {len(self.top_heads)} heads by direct attribution (chosen on harmful, "
+            f"no suffix), at layer {self.metadata.get('direction_layer')}'s input",
+        )
+        return fig
+
+    def plot_attention_mass(self):
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        spans = [s for s in SPANS if any(s in self.attention_mass[c] for c in self.conditions)]
+        fig = make_subplots(
+            rows=1, cols=len(spans), subplot_titles=[f"attention to {s}" for s in spans], shared_yaxes=True
+        )
+        for j, s in enumerate(spans, start=1):
+            for c in self.conditions:
+                vals = self.attention_mass[c].get(s)
+                if vals is None:
+                    continue
+                fig.add_trace(
+                    go.Bar(
+                        x=self.head_labels,
+                        y=vals,
+                        name=c,
+                        legendgroup=c,
+                        showlegend=j == 1,
+                        marker_color=COLORS.get(c, "#555"),
+                    ),
+                    row=1,
+                    col=j,
+                )
+        fig.update_layout(
+            barmode="group",
+            height=420,
+            yaxis_title="share of last-token attention",
+            title="where the top heads look from the last token (mean over prompts)",
+        )
+        return fig
+
+    def plot_attention_tokens(self):
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        conds = [c for c in self.conditions if c in self.examples]
+        if not conds:
+            return go.Figure()
+        fig = make_subplots(
+            rows=len(conds),
+            cols=1,
+            vertical_spacing=0.08,
+            subplot_titles=[f"{c}: {self.examples[c]['instruction'][:70]!r}" for c in conds],
+        )
+        for i, c in enumerate(conds, start=1):
+            ex = self.examples[c]
+            toks, spans = ex["tokens"], ex["spans"]
+            z = ex["attention"]
+            hover = [
+                [
+                    f"{self.head_labels[h]} -> #{t} {toks[t]!r} [{spans[t]}]: {z[h][t]:.3f}"
+                    for t in range(len(toks))
+                ]
+                for h in range(len(z))
+            ]
+            fig.add_trace(
+                go.Heatmap(
+                    z=z,
+                    x=list(range(len(toks))),
+                    y=self.head_labels,
+                    text=hover,
+                    hoverinfo="text",
+                    colorscale="Viridis",
+                    zmin=0,
+                    showscale=i == 1,
+                ),
+                row=i,
+                col=1,
+            )
+            # shade the suffix span
+            suf = [t for t, s in enumerate(spans) if s == "suffix"]
+            if suf:
+                fig.add_vrect(
+                    x0=suf[0] - 0.5, x1=suf[-1] + 0.5, line_color="white", line_width=2, row=i, col=1
+                )
+        fig.update_layout(
+            height=260 * len(conds) + 80,
+            title="last-token attention of the top heads over the prompt's tokens "
+            "(hover for tokens; white box = suffix)",
+        )
+        return fig
+
+    def plot(self) -> dict:
+        """All figures: ``cosine``, ``attribution``, ``attention_mass``, ``attention_tokens``."""
+        return {
+            "cosine": self.plot_cosine(),
+            "attribution": self.plot_attribution(),
+            "attention_mass": self.plot_attention_mass(),
+            "attention_tokens": self.plot_attention_tokens(),
+        }
+
+    # ---- persistence ----
+
+    def to_dict(self) -> dict:
+        return {"format_version": FORMAT_VERSION, **asdict(self), "summary": self.summary()}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``hijack.json`` and ``hijack.html`` (self-contained plotly figures) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "hijack.json").write_text(json.dumps(self.to_dict(), indent=1))
+        figs = self.plot()
+        parts = []
+        for i, fig in enumerate(figs.values()):
+            parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
+        summary = json.dumps(self.summary(), indent=1)
+        html = (
+            "<!DOCTYPE html><html><head><meta charset='utf-8'><title>refusal-lens: adversarial suffix "
+            "hijacking</title></head><body style='font-family:sans-serif;max-width:1200px;margin:auto'>"
+            "<h1>Adversarial suffixes and the refusal direction</h1>"
+            f"<p>Model: {self.metadata.get('model_id')}; direction at layer "
+            f"{self.metadata.get('direction_layer')}, position {self.metadata.get('direction_position')}. "
+            f"Adversarial suffix: <code>{_esc(self.metadata.get('suffix'))}</code>; random suffix: "
+            f"<code>{_esc(self.metadata.get('random_suffix'))}</code>.</p>"
+            f"<pre>{_esc(summary)}</pre>" + "".join(parts) + "</body></html>"
+        )
+        (directory / "hijack.html").write_text(html, encoding="utf-8")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> HijackReport:
+        path = Path(directory)
+        path = path / "hijack.json" if path.is_dir() else path
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise HijackError(f"Cannot read {path}: {e}. Re-run hijack_analysis.") from e
+        d.pop("format_version", None)
+        d.pop("summary", None)
+        return cls(**d)
+
+
+def _esc(x) -> str:
+    import html
+
+    return html.escape(str(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# The analysis
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _CondResult:
+    cos: Tensor  # [n, n_layers + 1]
+    heads: Tensor  # [n, L, H]
+    total: Tensor  # [n]
+    mass: Tensor  # [n, L, H, n_spans]
+    example: dict | None
+
+
+def _suffix_text(model, suffix: SuffixResult | str | None) -> tuple[str | None, int]:
+    if suffix is None:
+        return None, 0
+    if isinstance(suffix, SuffixResult):
+        text = suffix.text_for(model.tokenizer)
+        return text, suffix.n_tokens
+    if not isinstance(suffix, str) or not suffix.strip():
+        raise HijackError("The suffix must be a SuffixResult or a non-empty string.")
+    return suffix, len(model.tokenizer(suffix, add_special_tokens=False)["input_ids"])
+
+
+def _run_condition(
+    model,
+    direction: Direction,
+    instructions: list[str],
+    suffix: str,
+    fmt: ChatFormat,
+    batch_size: int,
+    desc: str,
+    progress: bool,
+) -> _CondResult:
+    n_layers = int(model.cfg.n_layers)
+    L = direction.layer
+    r = direction.vector.to(torch.float32)
+    resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
+    resid_names.append(f"blocks.{n_layers - 1}.hook_resid_post")
+    names = list(dict.fromkeys(resid_names + component_hook_names(model, L)))
+    pattern_names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(L)]
+    cos_all, heads_all, total_all, mass_all = [], [], [], []
+    example = None
+    tok = model.tokenizer
+    bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
+    for batch in batches(tok, instructions, batch_size, fmt, suffix=suffix):
+        acts = capture(model, batch, names, [-1], query_names=pattern_names)
+        resid = torch.stack([acts[n][:, 0] for n in resid_names], 1)  # [b, n_layers + 1, d]
+        cos_all.append(torch.nn.functional.cosine_similarity(resid, r.expand_as(resid), dim=-1))
+        comp = project_components(model, acts, L, lambda x: x @ r)
+        heads_all.append(comp.heads)
+        total_all.append(resid[:, L] @ r)
+        seq = batch.input_ids.shape[1]
+        b = batch.input_ids.shape[0]
+        mass = torch.zeros(b, L, int(model.cfg.n_heads), len(SPANS))
+        pats = torch.stack([acts[n][:, :, 0, :] for n in pattern_names], 1) if L else None  # [b, L, H, seq]
+        for i, instr in enumerate(batch.instructions):
+            ids, strings, span_names = token_spans(tok, fmt, instr, suffix)
+            row = batch.input_ids[i, seq - len(ids) :].tolist()
+            if row != ids:
+                raise HijackError(
+                    "Token spans do not match the batch's tokens; the chat format and the tokenizer "
+                    "disagree (pass fmt= built from this tokenizer)."
+                )
+            if pats is None:
+                continue
+            p = pats[i, :, :, seq - len(ids) :]  # [L, H, n_i]
+            for s_idx, s in enumerate(SPANS):
+                sel = torch.tensor([n == s for n in span_names])
+                mass[i, :, :, s_idx] = p[..., sel].sum(-1)
+            if example is None:
+                example = {"instruction": instr, "tokens": strings, "spans": span_names, "attention_all": p}
+        mass_all.append(mass)
+        bar.update(b)
+    bar.close()
+    return _CondResult(
+        torch.cat(cos_all), torch.cat(heads_all), torch.cat(total_all), torch.cat(mass_all), example
+    )
+
+
+def hijack_analysis(
+    model,
+    direction: Direction,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    suffix: SuffixResult | str | None,
+    random_suffix: SuffixResult | str | None = None,
+    top_k: int = 8,
+    *,
+    fmt: ChatFormat | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> HijackReport:
+    """Compare harmful prompts with no / adversarial / random suffix, and harmless prompts.
+
+    Args:
+        direction: the refusal direction; its layer is where head attribution is read.
+        harmful, harmless: instructions (the chat template is applied here).
+        suffix: the adversarial suffix (:class:`SuffixResult`, tokenizer checked, or text). ``None`` runs
+            only the two suffix-free conditions.
+        random_suffix: the control; default a random suffix of the same token length (``seed``).
+        top_k: number of heads to follow.
+
+    Returns:
+        :class:`HijackReport` (``.summary()``, ``.plot()``, ``.save(dir)``).
+    """
+    direction.check_model(model)
+    for name, items in (("harmful", harmful), ("harmless", harmless)):
+        if isinstance(items, str) or len(items) == 0:
+            raise DataError(
+                f"The {name} prompt list is empty (or a single string); pass a list of instructions."
+            )
+    if direction.layer < 1:
+        raise HijackError(
+            "The direction's layer must be >= 1: at layer 0 no head has written to the residual yet."
+        )
+    if top_k < 1:
+        raise HijackError(f"top_k must be >= 1, got {top_k}.")
+    fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
+    adv_text, n_tok = _suffix_text(model, suffix)
+    if adv_text is not None and random_suffix is None:
+        random_suffix = draw_random_suffix(model.tokenizer, n_tok, seed=seed)
+    rand_text, _ = _suffix_text(model, random_suffix) if adv_text is not None else (None, 0)
+
+    conds: dict[str, tuple[list[str], str]] = {HARMFUL: (list(harmful), "")}
+    if adv_text is not None:
+        conds[ADVERSARIAL] = (list(harmful), adv_text)
+        conds[RANDOM] = (list(harmful), rand_text)
+    conds[HARMLESS] = (list(harmless), "")
+    results = {
+        c: _run_condition(model, direction, instrs, suf, fmt, batch_size, c, progress)
+        for c, (instrs, suf) in conds.items()
+    }
+
+    n_layers = int(model.cfg.n_layers)
+    n_heads = int(model.cfg.n_heads)
+    k = min(top_k, direction.layer * n_heads)
+    flat = results[HARMFUL].heads.mean(0).flatten()
+    order = flat.argsort(descending=True)[:k].tolist()
+    top = [[i // n_heads, i % n_heads] for i in order]
+
+    def pick(x: Tensor) -> Tensor:  # [n, L, H, ...] -> [n, k, ...]
+        return torch.stack([x[:, layer, head] for layer, head in top], 1)
+
+    cosine_mean, cosine_std, attr_mean, attr_std, grid, mass, examples, proj = {}, {}, {}, {}, {}, {}, {}, {}
+    for c, res in results.items():
+        cosine_mean[c], cosine_std[c] = _mean_std(res.cos)
+        attr_mean[c], attr_std[c] = _mean_std(pick(res.heads))
+        grid[c] = res.heads.mean(0).tolist()
+        proj[c] = float(res.total.mean())
+        m = pick(res.mass).mean(0)  # [k, n_spans]
+        mass[c] = {s: m[:, j].tolist() for j, s in enumerate(SPANS)}
+        if res.example is not None and c != HARMLESS:
+            ex = res.example
+            att = torch.stack([ex["attention_all"][layer, head] for layer, head in top])
+            examples[c] = {
+                "instruction": ex["instruction"],
+                "tokens": ex["tokens"],
+                "spans": ex["spans"],
+                "attention": att.tolist(),
+            }
+    from refusal_lens.models import model_id
+
+    return HijackReport(
+        conditions=list(conds),
+        layer_labels=[str(i) for i in range(n_layers)] + ["final"],
+        cosine_mean=cosine_mean,
+        cosine_std=cosine_std,
+        projection_mean=proj,
+        top_heads=top,
+        head_attr_mean=attr_mean,
+        head_attr_std=attr_std,
+        head_attr_grid=grid,
+        attention_mass=mass,
+        examples=examples,
+        metadata={
+            "model_id": model_id(model),
+            "direction_layer": direction.layer,
+            "direction_position": direction.position,
+            "suffix": adv_text,
+            "random_suffix": rand_text,
+            "suffix_tokens": n_tok,
+            "n_harmful": len(harmful),
+            "n_harmless": len(harmless),
+            "top_k": k,
+            "position": "last token",
+            "spans": list(SPANS),
+        },
+    )
