@@ -102,7 +102,12 @@ def load_splits(cfg: RunConfig) -> Splits:
 def choose_addition_coeff(model, direction: Direction, harmless_val: list[str], refusal_ids, target: float,
                           batch_size: int) -> tuple[float, dict]:
     """Smallest coefficient in :data:`ADD_COEFFS` whose share of harmless val prompts with refusal
-    metric > 0 reaches ``target`` (one forward pass per coefficient; no generation)."""
+    metric > 0 reaches ``target`` (one forward pass per coefficient; no generation).
+
+    When none reaches it, the coefficient with the highest share (the smallest among ties): large
+    coefficients break the model (the share falls again as the output turns to noise), so the last
+    coefficient tried is not a safe default.
+    """
     shares = {}
     for c in ADD_COEFFS:
         with add(model, direction, coeff=c):
@@ -110,7 +115,7 @@ def choose_addition_coeff(model, direction: Direction, harmless_val: list[str], 
         shares[c] = float((m > 0).float().mean())
         if shares[c] >= target:
             return c, shares
-    return ADD_COEFFS[-1], shares
+    return max(shares, key=lambda c: (shares[c], -c)), shares
 
 
 def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids, tuned_coeff: float,

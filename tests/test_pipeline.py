@@ -147,3 +147,22 @@ def test_cli_suffix_and_hijack_on_tiny_model(tmp_path, capsys):
     save_tiny("qwen2", other)
     assert main(["hijack", "-d", d, "--model", str(other), "--suffix", str(sfx), "--out", str(tmp_path / "h2")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_addition_coefficient_falls_back_to_best_share(tiny_llama, monkeypatch):
+    """When no coefficient reaches the target, the best one is kept, not the largest (which breaks models)."""
+    import torch
+
+    import refusal_lens.pipeline as pl
+    from refusal_lens.directions import Direction
+
+    d = Direction(torch.ones(tiny_llama.cfg.d_model), 1, -1, tiny_llama.refusal_lens_id, norm=2.0)
+    shares = iter([0.1, 0.2, 0.5, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0])
+    def fake_metric(logits, ids):  # ten prompts, a share of them with metric > 0
+        k = round(next(shares) * 10)
+        return torch.tensor([1.0] * k + [-1.0] * (10 - k))
+
+    monkeypatch.setattr(pl, "refusal_metric_from_logits", fake_metric)
+    coeff, table = pl.choose_addition_coeff(tiny_llama, d, ["a", "b"], [1], target=0.7, batch_size=2)
+    assert len(table) == len(pl.ADD_COEFFS)
+    assert coeff == pl.ADD_COEFFS[2]
