@@ -26,16 +26,16 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from refusal_lens.directions import Direction
-from refusal_lens.errors import DirectionError, ExportError, OutputExistsError
+from refusal_lens.errors import DirectionError, ExportError
+from refusal_lens.io import atomic_dir, check_output_dir
 from refusal_lens.orthogonalize import (
     ROWS,
     _rows_view,
@@ -106,39 +106,6 @@ class ExportReport:
         if p.is_dir():
             p = p / REPORT_NAME
         return cls(**json.loads(p.read_text()))
-
-
-# --------------------------------------------------------------------------------------------------
-# Atomic output folder
-# --------------------------------------------------------------------------------------------------
-
-
-def _refuse_existing(out: Path, overwrite: bool) -> None:
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputExistsError(
-            f"{out} already exists. Pass --overwrite (overwrite=True) to replace it, or choose another folder."
-        )
-
-
-@contextlib.contextmanager
-def _staging(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temp folder beside ``out``, renamed to ``out`` when the block succeeds, deleted when it fails."""
-    _refuse_existing(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        yield tmp
-        _refuse_existing(out, overwrite)  # something may have appeared meanwhile
-        if out.exists() or out.is_symlink():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,7 +313,7 @@ def export(
 
     t0 = time.perf_counter()
     out = Path(out_dir)
-    _refuse_existing(out, overwrite)
+    check_output_dir(out, overwrite)
     check_direction(model, direction, allow_other_model=allow_other_model)
     residual_writers(model)  # unsupported architectures fail before any work
     prompts = list(verify_prompts) if verify_prompts is not None else _default_verify_prompts()
@@ -370,7 +337,7 @@ def export(
     source_id = model_id(model)
     info = _direction_info(direction)
 
-    with _staging(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         hf = clean_hf_model(model)
         hf.save_pretrained(tmp, max_shard_size=max_shard_size)
         del hf
@@ -587,7 +554,7 @@ def export_streaming(
 
     t0 = time.perf_counter()
     src, out = Path(src_folder), Path(out_dir)
-    _refuse_existing(out, overwrite)
+    check_output_dir(out, overwrite)
     if not (src / "config.json").is_file():
         raise ExportError(f"{src} is not a Hugging Face model folder (no config.json).")
     config_json = json.loads((src / "config.json").read_text())
@@ -645,7 +612,7 @@ def export_streaming(
     out_names = [f"model-{i + 1:05d}-of-{n_out:05d}.safetensors" for i in range(n_out)]
     new_map: dict[str, str] = {}
     total = 0
-    with _staging(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         embed_src: tuple[Path, int, dict] | None = None
         for shard, out_name in zip(files, out_names, strict=False):
             path = src / shard
