@@ -54,25 +54,27 @@ def _has_softcap(model) -> bool:
     return bool(getattr(cfg, "final_logit_softcapping", None))
 
 
-@torch.no_grad()
-def last_logits(model, instructions: Sequence[str], *, interventions: Sequence | None = None,
-                batch_size: int = 16, fmt: ChatFormat | None = None, suffix: str = "") -> Float[Tensor, "batch vocab"]:
-    """Next-token logits at the last prompt position, ``[n_prompts, vocab]`` (fp32, on CPU).
+def last_position_logits(model, input_ids, attention_mask) -> Float[Tensor, "batch vocab"]:
+    """Logits at the last position of a left-padded batch (differentiable; no ``no_grad`` here).
 
     The final norm and unembedding run on the last position only (a quarter of a small model's FLOPs
     sit in the unembedding); models with logit soft-capping take the full forward.
     """
+    if _has_softcap(model):
+        return model(input_ids, attention_mask=attention_mask)[:, -1]
+    resid = run_until(model, "ln_final.hook_in", input_ids, attention_mask)
+    return model.unembed(model.ln_final(resid[:, -1:, :]))[:, 0]
+
+
+@torch.no_grad()
+def last_logits(model, instructions: Sequence[str], *, interventions: Sequence | None = None,
+                batch_size: int = 16, fmt: ChatFormat | None = None, suffix: str = "") -> Float[Tensor, "batch vocab"]:
+    """Next-token logits at the last prompt position, ``[n_prompts, vocab]`` (fp32, on CPU)."""
     fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
     out = []
-    fast = not _has_softcap(model)
     with apply(model, interventions):
         for b in batches(model.tokenizer, instructions, batch_size, fmt, suffix=suffix):
-            if fast:
-                resid = run_until(model, "ln_final.hook_in", b.input_ids, b.attention_mask)
-                logits = model.unembed(model.ln_final(resid[:, -1:, :]))[:, 0]
-            else:
-                logits = model(b.input_ids, attention_mask=b.attention_mask)[:, -1]
-            out.append(logits.float().cpu())
+            out.append(last_position_logits(model, b.input_ids, b.attention_mask).float().cpu())
     return torch.cat(out)
 
 

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from refusal_lens.directions import Candidates, Direction
 from refusal_lens.errors import DataError, DirectionError
-from refusal_lens.evaluate import kl_last, last_logits, refusal_metric_from_logits
+from refusal_lens.evaluate import kl_last, last_logits, last_position_logits, refusal_metric_from_logits
 from refusal_lens.interventions import ablation_hooks, addition_hooks, hooks
 
 FALLBACKS = (
@@ -241,15 +241,8 @@ def gradient_screen_matrix(model, prompts: Sequence[str], refusal_ids: Sequence[
 
 
 def _accumulate_screen(model, b, names, keep, acts, refusal_ids, n, M) -> float:
-    from refusal_lens.activations import run_until
-    from refusal_lens.evaluate import _has_softcap
-
     with torch.enable_grad(), model.hooks(fwd_hooks=[(name, keep) for name in names]):
-        if _has_softcap(model):
-            logits = model(b.input_ids, attention_mask=b.attention_mask)[:, -1]
-        else:
-            resid = run_until(model, "ln_final.hook_in", b.input_ids, b.attention_mask)
-            logits = model.unembed(model.ln_final(resid[:, -1:, :]))[:, 0]  # unembed one position only
+        logits = last_position_logits(model, b.input_ids, b.attention_mask)
         metric = refusal_metric_from_logits(logits, refusal_ids)
         metric.sum().div(n).backward()
     mask = b.attention_mask.bool()
