@@ -32,42 +32,11 @@ Not a test: the default takes a few minutes on 2 cores; ``--quick`` checks that 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
-
-# --------------------------------------------------------------------------------------------------
-# Machine
-# --------------------------------------------------------------------------------------------------
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
-
-
-def machine_info() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > (usable or 1)
-    return (f"machine: {cpu}; {os.cpu_count()} cores ({usable} usable); torch threads {torch.get_num_threads()}; "
-            f"load average {load}\nsoftware: python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {_version('transformers')}, transformer-lens {_version('transformer-lens')}"
-            + ("\nWARNING: other work is running (load average above the number of cores): timings are noisy, and "
-               "multi-threaded torch suffers most; use a quiet machine, or --threads 1 for a steadier A/B"
-               if busy else ""))
+from _bench import machine_info
 
 
 def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
