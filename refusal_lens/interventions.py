@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from refusal_lens.directions import Direction
+from refusal_lens.models import patch_kv_cache
 from refusal_lens.prompts import ChatFormat, batches
 
 Hook = tuple[str, Callable]
@@ -133,6 +134,7 @@ def generate(
     Returns:
         One completion string per instruction (special tokens removed).
     """
+    patch_kv_cache()  # a bridge booted by hand has not been through load_model
     fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
     tok = model.tokenizer
     out: list[str] = []

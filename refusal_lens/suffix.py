@@ -445,9 +445,9 @@ def _check_length(model, layout: list[_Prompt], n_tokens: int) -> None:
 
 
 def _fill_caches(model, layout: list[_Prompt]) -> None:
-    from refusal_lens.models import _patch_kv_cache
+    from refusal_lens.models import patch_kv_cache
 
-    _patch_kv_cache()  # TL 4.3 + transformers 5.x: make attention read the cache it is given
+    patch_kv_cache()  # TL 4.3 + transformers 5.x: make attention read the cache it is given
     with torch.no_grad():
         for p in layout:
             _, p.cache = model(p.before, return_type="logits_and_cache")

@@ -50,8 +50,8 @@ def test_cached_generation_equals_uncached(arch):
 def test_kv_patch_is_installed_once():
     from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 
-    models._patch_kv_cache()
-    models._patch_kv_cache()
+    models.patch_kv_cache()
+    models.patch_kv_cache()
     assert AttentionBridge._update_kv_cache._refusal_lens_patched
     assert not getattr(AttentionBridge._update_kv_cache.__wrapped__, "_refusal_lens_patched", False)
 
