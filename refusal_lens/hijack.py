@@ -9,7 +9,10 @@ the same token length, and harmless prompts -- :func:`hijack_analysis` measures 
    suffix; see :mod:`refusal_lens.attribution`) and their attribution under every condition;
 3. where those heads look: the share of the last token's attention on the instruction's tokens, the
    suffix's tokens, the chat template's tokens, and the first token (the usual attention sink), with
-   token-level attention rows of one example prompt per condition.
+   token-level attention rows of one example prompt per condition;
+4. what the model then says: greedy completions per condition, their refusal score (the paper's substring
+   list), the share judged coherent by the model itself, and the share that merely echo the suffix (a
+   suffix can "work" by making the model repeat it, which is no answer either).
 
 Token spans are located from character offsets of the rendered chat prompt (template prefix, instruction,
 suffix, post-instruction template), so they do not depend on a per-family table.
@@ -34,6 +37,8 @@ from tqdm.auto import tqdm
 from refusal_lens.attribution import capture, component_hook_names, head_label, project_components
 from refusal_lens.directions import Direction
 from refusal_lens.errors import DataError, RefusalLensError
+from refusal_lens.evaluate import coherence, refusal_score
+from refusal_lens.interventions import generate
 from refusal_lens.prompts import ChatFormat, batches
 from refusal_lens.suffix import SuffixResult
 from refusal_lens.suffix import random_suffix as draw_random_suffix
@@ -124,6 +129,9 @@ class HijackReport:
         attention_mass: per condition, per span, the mean share of each top head's last-token attention.
         examples: per condition, one prompt's tokens, span names and the top heads' attention rows.
         metadata: direction, model, suffix texts, prompt counts.
+        behaviour: per condition, ``refusal_score``, ``coherent_fraction`` and ``echoes_suffix`` of the
+            greedy completions (empty when ``max_new_tokens=0``).
+        completions: per condition, the greedy completions themselves.
     """
 
     conditions: list[str]
@@ -138,6 +146,8 @@ class HijackReport:
     attention_mass: dict[str, dict[str, list[float]]]
     examples: dict[str, dict]
     metadata: dict = field(default_factory=dict)
+    behaviour: dict[str, dict[str, float]] = field(default_factory=dict)
+    completions: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def head_labels(self) -> list[str]:
@@ -158,6 +168,8 @@ class HijackReport:
                 for c in self.conditions
             },
         }
+        if self.behaviour:
+            out["behaviour"] = self.behaviour
         if ADVERSARIAL in self.conditions and RANDOM in self.conditions:
             out["cosine_drop_adversarial_vs_random"] = (
                 out["cosine_at_layer"][RANDOM] - out["cosine_at_layer"][ADVERSARIAL]
@@ -320,9 +332,28 @@ class HijackReport:
         )
         return fig
 
+    def plot_behaviour(self):
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        for c in self.conditions:
+            b = self.behaviour.get(c)
+            if not b:
+                continue
+            keys = ["refusal_score", "coherent_fraction", "echoes_suffix"]
+            fig.add_trace(go.Bar(x=keys, y=[b[k] for k in keys], name=c, marker_color=COLORS.get(c, "#555")))
+        fig.update_layout(
+            barmode="group", height=380, yaxis=dict(range=[0, 1], title="share of completions"),
+            title=f"greedy completions ({self.metadata.get('max_new_tokens')} tokens): refused, coherent, "
+            "echoing the suffix",
+        )
+        return fig
+
     def plot(self) -> dict:
-        """All figures: ``cosine``, ``attribution``, ``attention_mass``, ``attention_tokens``."""
+        """All figures: ``behaviour`` (when completions were generated), ``cosine``, ``attribution``,
+        ``attention_mass``, ``attention_tokens``."""
         return {
+            **({"behaviour": self.plot_behaviour()} if self.behaviour else {}),
             "cosine": self.plot_cosine(),
             "attribution": self.plot_attribution(),
             "attention_mass": self.plot_attention_mass(),
@@ -457,6 +488,28 @@ def _run_condition(
     )
 
 
+def echoes_suffix(completion: str, suffix: str, window: int = 12) -> bool:
+    """True when ``completion`` contains ``window`` consecutive characters of ``suffix`` (stripped; the
+    whole suffix when it is shorter): the model repeating its prompt's suffix rather than answering."""
+    core = suffix.strip()
+    if not core:
+        return False
+    w = min(window, len(core))
+    return any(core[i : i + w] in completion for i in range(len(core) - w + 1))
+
+
+def _behaviour(model, instructions, suffix, fmt, max_new_tokens, batch_size, desc, progress):
+    texts = generate(model, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size, fmt=fmt,
+                     suffix=suffix, progress=progress, desc=f"generating: {desc}")
+    coh = coherence(model, [i + suffix for i in instructions], texts, batch_size=batch_size)
+    echo = [echoes_suffix(t, suffix) for t in texts] if suffix else [False] * len(texts)
+    return texts, {
+        "refusal_score": refusal_score(texts),
+        "coherent_fraction": coh.fraction,
+        "echoes_suffix": sum(echo) / max(len(echo), 1),
+    }
+
+
 def hijack_analysis(
     model,
     direction: Direction,
@@ -469,6 +522,7 @@ def hijack_analysis(
     fmt: ChatFormat | None = None,
     batch_size: int = 8,
     seed: int = 0,
+    max_new_tokens: int = 32,
     progress: bool = True,
 ) -> HijackReport:
     """Compare harmful prompts with no / adversarial / random suffix, and harmless prompts.
@@ -480,6 +534,7 @@ def hijack_analysis(
             only the two suffix-free conditions.
         random_suffix: the control; default a random suffix of the same token length (``seed``).
         top_k: number of heads to follow.
+        max_new_tokens: length of the greedy completions scored per condition (0: no generation).
 
     Returns:
         :class:`HijackReport` (``.summary()``, ``.plot()``, ``.save(dir)``).
@@ -496,6 +551,8 @@ def hijack_analysis(
         )
     if top_k < 1:
         raise HijackError(f"top_k must be >= 1, got {top_k}.")
+    if max_new_tokens < 0:
+        raise HijackError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
     fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
     adv_text, n_tok = _suffix_text(model, suffix)
     if adv_text is not None and random_suffix is None:
@@ -511,6 +568,11 @@ def hijack_analysis(
         c: _run_condition(model, direction, instrs, suf, fmt, batch_size, c, progress)
         for c, (instrs, suf) in conds.items()
     }
+
+    behaviour, completions = {}, {}
+    if max_new_tokens:
+        for c, (instrs, suf) in conds.items():
+            completions[c], behaviour[c] = _behaviour(model, instrs, suf, fmt, max_new_tokens, batch_size, c, progress)
 
     n_layers = int(model.cfg.n_layers)
     n_heads = int(model.cfg.n_heads)
@@ -563,7 +625,10 @@ def hijack_analysis(
             "n_harmful": len(harmful),
             "n_harmless": len(harmless),
             "top_k": k,
+            "max_new_tokens": max_new_tokens,
             "position": "last token",
             "spans": list(SPANS),
         },
+        behaviour=behaviour,
+        completions=completions,
     )

@@ -11,6 +11,7 @@ import torch
 from refusal_lens.attribution import direction_attribution
 from refusal_lens.directions import Direction
 from refusal_lens.errors import DataError, DirectionError
+from refusal_lens.evaluate import refusal_score
 from refusal_lens.hijack import (
     ADVERSARIAL,
     HARMFUL,
@@ -19,9 +20,11 @@ from refusal_lens.hijack import (
     SPANS,
     HijackError,
     HijackReport,
+    echoes_suffix,
     hijack_analysis,
     token_spans,
 )
+from refusal_lens.interventions import generate
 from refusal_lens.models import model_id
 from refusal_lens.prompts import ChatFormat
 from refusal_lens.suffix import SuffixError, SuffixResult, random_suffix, search_suffix
@@ -43,7 +46,9 @@ def setup(request):
     suffix = search_suffix(
         model, HARMFUL_PROMPTS[:2], direction=d, n_tokens=4, steps=2, search_width=8, topk=8, progress=False
     )
-    report = hijack_analysis(model, d, HARMFUL_PROMPTS, HARMLESS_PROMPTS, suffix, top_k=3, progress=False)
+    report = hijack_analysis(
+        model, d, HARMFUL_PROMPTS, HARMLESS_PROMPTS, suffix, top_k=3, max_new_tokens=6, progress=False
+    )
     return request.param, model, d, suffix, report
 
 
@@ -74,6 +79,28 @@ def test_report_structure(setup):
     )
 
 
+def test_behaviour_is_the_completions_scored(setup):
+    """The per-condition scores are those of generate()'s completions with the same suffix."""
+    arch, model, d, suffix, rep = setup
+    assert set(rep.behaviour) == set(rep.conditions) == set(rep.completions)
+    adv = generate(model, HARMFUL_PROMPTS, max_new_tokens=6, batch_size=8, suffix=suffix.suffix, progress=False)
+    assert rep.completions[ADVERSARIAL] == adv
+    for c in rep.conditions:
+        b = rep.behaviour[c]
+        assert b["refusal_score"] == refusal_score(rep.completions[c])
+        assert 0.0 <= b["coherent_fraction"] <= 1.0
+    assert rep.behaviour[HARMFUL]["echoes_suffix"] == 0.0
+    assert rep.summary()["behaviour"] == rep.behaviour
+    assert rep.metadata["max_new_tokens"] == 6
+
+
+def test_echoes_suffix():
+    assert echoes_suffix("Sure! Initialization crucial!!! Thank", " Initialization crucial!!! Thank.'.")
+    assert not echoes_suffix("Here is a recipe for bread.", " Initialization crucial!!! Thank.'.")
+    assert echoes_suffix("x ! y", " ! y")  # a suffix shorter than the window must appear whole
+    assert not echoes_suffix("anything", "   ")
+
+
 def test_matches_direction_attribution(setup):
     """Top heads and their attribution agree with refusal_lens.attribution on the same prompts."""
     arch, model, d, suffix, rep = setup
@@ -100,7 +127,8 @@ def test_save_load_and_figures(setup, tmp_path):
     back = HijackReport.load(out)
     assert back.summary() == rep.summary()
     figs = rep.plot()
-    assert set(figs) == {"cosine", "attribution", "attention_mass", "attention_tokens"}
+    assert set(figs) == {"behaviour", "cosine", "attribution", "attention_mass", "attention_tokens"}
+    assert back.completions == rep.completions and back.behaviour == rep.behaviour
     assert all(isinstance(f, go.Figure) for f in figs.values())
     assert len(figs["attribution"].data) == 4  # one bar group per condition
     heat = [t for t in figs["attention_tokens"].data if isinstance(t, go.Heatmap)]
@@ -167,6 +195,8 @@ def test_bad_input():
         )
     with pytest.raises(HijackError, match="top_k"):
         hijack_analysis(model, d, HARMFUL_PROMPTS, HARMLESS_PROMPTS, None, top_k=0, progress=False)
+    with pytest.raises(HijackError, match="max_new_tokens"):
+        hijack_analysis(model, d, HARMFUL_PROMPTS, HARMLESS_PROMPTS, None, max_new_tokens=-1, progress=False)
     foreign = SuffixResult(suffix=" x", token_ids=[5], tokenizer={"vocab_size": 151936, "hash": "0" * 16})
     with pytest.raises(SuffixError, match="another tokenizer"):
         hijack_analysis(model, d, HARMFUL_PROMPTS, HARMLESS_PROMPTS, foreign, progress=False)
@@ -190,7 +220,8 @@ def test_embedded_model_attribution_and_hijack():
     attr = direction_attribution(model, test_h, d)
     assert attr.max_abs_error < 1e-3
     rnd = random_suffix(model.tokenizer, 6, seed=0)
-    rep = hijack_analysis(model, d, test_h, test_hl, rnd, top_k=4, progress=False)
+    rep = hijack_analysis(model, d, test_h, test_hl, rnd, top_k=4, max_new_tokens=0, progress=False)
     s = rep.summary()
+    assert rep.behaviour == {} and "behaviour" not in s  # max_new_tokens=0: no generation
     assert s["cosine_at_layer"][HARMFUL] > s["cosine_at_layer"][HARMLESS]
     assert rep.examples[ADVERSARIAL]["spans"].count("suffix") == 6
