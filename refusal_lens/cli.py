@@ -57,6 +57,8 @@ def run(
     max_layer_frac: float = typer.Option(0.8, help="Only candidates at layers < this fraction of the depth."),
     refusal_ids: str | None = typer.Option(None, help="Comma-separated refusal token ids (default: found from "
                                            "the model's own refusals on harmful train prompts)."),
+    filter: bool = typer.Option(True, "--filter/--no-filter", help="The paper's filtering: extract and select on "
+                                "harmful prompts the model refuses and harmless ones it answers (train and val)."),
     trust_remote_code: bool = typer.Option(False, help="Run code shipped with the model (only if you trust it)."),
 ) -> None:
     """The main job: extract, select, evaluate, report (and optionally export)."""
@@ -69,7 +71,7 @@ def run(
     cfg = RunConfig(n_train=n_train, n_val=n_val, n_test=n_test, max_new_tokens=max_new_tokens, batch_size=batch_size,
                     strategy=strategy, top_k=top_k, max_layer_frac=max_layer_frac, harmful_path=str(harmful) if harmful else None,
                     harmless_path=str(harmless) if harmless else None,
-                    refusal_ids=[int(x) for x in refusal_ids.split(",")] if refusal_ids else None)
+                    refusal_ids=[int(x) for x in refusal_ids.split(",")] if refusal_ids else None, filter=filter)
     m = _load(model, trust_remote_code)
     res = run_pipeline(m, out, cfg, overwrite=overwrite, export_dir=export)
     c = res.evaluation["conditions"]
@@ -248,6 +250,8 @@ def hijack(
     n_prompts: int = typer.Option(24, help="Harmful and harmless test prompts analysed."),
     top_k: int = typer.Option(8, help="Heads followed."),
     search_minutes: float = typer.Option(10.0, help="Budget of the suffix search when --suffix is not given."),
+    max_new_tokens: int = typer.Option(32, help="Greedy tokens per prompt and condition for the refusal "
+                                       "score (0: skip generation)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Attention hijacking (paper section 5): cosine by layer, top heads, attention mass, hijack.html."""
@@ -269,11 +273,20 @@ def hijack(
                             max_seconds=search_minutes * 60)
         console.print(f"  found {adv.suffix!r} in {adv.seconds:.0f} s")
     report = hijack_analysis(m, d, load_builtin("harmful", "test")[:n_prompts],
-                             load_builtin("harmless", "test")[:n_prompts], adv, top_k=top_k)
+                             load_builtin("harmless", "test")[:n_prompts], adv, top_k=top_k,
+                             max_new_tokens=max_new_tokens)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         report.save(tmp)
         if suffix_file is None:
             adv.save(tmp / "suffix.json")
+    s = report.summary()
+    for c in report.conditions:
+        b = s.get("behaviour", {}).get(c, {})
+        said = (f"refusal {b['refusal_score']:.2f}, coherent {b['coherent_fraction']:.2f}, "
+                f"echo suffix {b['echoes_suffix']:.2f}; ") if b else ""
+        mass = s["attention_share_mean_over_top_heads"][c]
+        console.print(f"  {c:<20} {said}cosine at layer {s['direction_layer']} {s['cosine_at_layer'][c]:+.3f}; "
+                      f"top heads' attention: instruction {mass['instruction']:.2f}, suffix {mass['suffix']:.2f}")
     console.print(f"wrote {out}/hijack.html")
 
 

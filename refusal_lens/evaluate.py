@@ -91,6 +91,20 @@ def refusal_metric(model, instructions: Sequence[str], refusal_ids: Sequence[int
     return refusal_metric_from_logits(last_logits(model, instructions, **kwargs), refusal_ids)
 
 
+def filter_by_refusal(model, instructions: Sequence[str], refusal_ids: Sequence[int], *, refused: bool,
+                      batch_size: int = 16) -> tuple[list[str], Float[Tensor, " batch"]]:
+    """The paper's data filtering: keep the instructions the model refuses (``refused=True``: refusal
+    metric > 0 at the last prompt token, i.e. the refusal tokens are more likely than not) or those it does
+    not refuse (``refused=False``: metric < 0). One forward pass per batch, no generation.
+
+    Returns:
+        The kept instructions (in order) and every instruction's refusal metric.
+    """
+    metric = refusal_metric(model, instructions, refusal_ids, batch_size=batch_size)
+    keep = metric > 0 if refused else metric < 0
+    return [x for x, k in zip(instructions, keep.tolist(), strict=True) if k], metric
+
+
 def kl_last(base_logits: Float[Tensor, "batch vocab"], logits: Float[Tensor, "batch vocab"]) -> float:
     """Mean over prompts of ``KL(base || other)`` at the last position, in nats."""
     lp = base_logits.double().log_softmax(-1)

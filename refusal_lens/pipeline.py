@@ -31,6 +31,7 @@ from refusal_lens.evaluate import (
     RefusalTokens,
     coherence,
     completion_ce,
+    filter_by_refusal,
     find_refusal_tokens,
     kl_last,
     last_logits,
@@ -65,6 +66,7 @@ class RunConfig:
     harmful_path: str | None = None
     harmless_path: str | None = None
     refusal_ids: list[int] | None = None
+    filter: bool = True
     seed: int = 0
 
 
@@ -79,10 +81,14 @@ class Splits:
 MIN_PER_SPLIT = {"train": 4, "val": 2, "test": 2}
 
 
-def load_splits(cfg: RunConfig) -> Splits:
-    """Built-in data, or the user's files (which must have a ``split`` column); validated."""
+def load_splits(cfg: RunConfig, *, truncate: bool = True) -> Splits:
+    """Built-in data, or the user's files (which must have a ``split`` column); validated.
+
+    ``truncate=False`` keeps whole train and val splits (for :func:`filter_splits`, which truncates after
+    filtering); the test split is always cut to ``n_test``.
+    """
     splits = Splits()
-    limits = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
+    limits = {"train": cfg.n_train if truncate else None, "val": cfg.n_val if truncate else None, "test": cfg.n_test}
     for kind, path in (("harmful", cfg.harmful_path), ("harmless", cfg.harmless_path)):
         target = getattr(splits, kind)
         # the whole set first: an instruction repeated across splits would leak train into test
@@ -97,6 +103,39 @@ def load_splits(cfg: RunConfig) -> Splits:
             raise DataError(f"{len(both)} instruction(s) appear in both the harmful and harmless {split} sets, e.g. "
                             f"{sorted(both)[0]!r}; remove them from one set.")
     return splits
+
+
+def filter_splits(model, splits: Splits, refusal_ids, cfg: RunConfig) -> dict:
+    """The paper's filtering of the train and val splits, in place: keep harmful instructions the model
+    refuses (refusal metric > 0) and harmless ones it does not (metric < 0), then cut to ``n_train`` /
+    ``n_val``. The test split is left whole: evaluation covers every harmful test prompt.
+
+    Without it, harmful prompts the model answers anyway dilute the harmful mean and the bypass score; on
+    the embedded model (which answers many harmful requests) filtering lowered the KL of the best
+    candidates about threefold.
+
+    Returns:
+        Per set and split: how many were scored, kept by the filter, and used.
+
+    Raises:
+        DataError: when fewer than the minimum pass, naming ``--no-filter``.
+    """
+    counts: dict[str, dict[str, int]] = {}
+    for kind, refused in (("harmful", True), ("harmless", False)):
+        target = getattr(splits, kind)
+        for split, limit in (("train", cfg.n_train), ("val", cfg.n_val)):
+            items = target[split]
+            kept, _ = filter_by_refusal(model, items, refusal_ids, refused=refused, batch_size=cfg.batch_size)
+            if len(kept) < MIN_PER_SPLIT[split]:
+                which = "refuses" if refused else "answers"
+                raise DataError(
+                    f"The model {which} only {len(kept)} of the {len(items)} {kind} {split} instructions (refusal "
+                    f"metric {'>' if refused else '<'} 0); at least {MIN_PER_SPLIT[split]} are needed. If this model "
+                    "barely refuses there may be no refusal to find; otherwise add prompts, or pass --no-filter "
+                    "(filter=False) to use them unfiltered.")
+            target[split] = kept[:limit] if limit else kept
+            counts[f"{kind}_{split}"] = {"scored": len(items), "kept": len(kept), "used": len(target[split])}
+    return counts
 
 
 def choose_addition_coeff(model, direction: Direction, harmless_val: list[str], refusal_ids, target: float,
@@ -189,31 +228,40 @@ def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwr
         timings[name] = round(time.perf_counter() - start, 1)
         console.print(f"[green]done[/] {name} in {timings[name]:.0f} s")
 
-    splits = load_splits(cfg)
+    splits = load_splits(cfg, truncate=not cfg.filter)
     with torch.no_grad(), atomic_dir(out, overwrite=overwrite) as tmp:
         t = time.perf_counter()
-        console.print(f"[bold]1/4 extract[/]: diff-in-means on {len(splits.harmful['train'])} harmful + "
-                      f"{len(splits.harmless['train'])} harmless train prompts")
-        cands = candidate_directions(model, splits.harmful["train"], splits.harmless["train"], batch_size=cfg.batch_size)
-        cands.provenance.update(split="train", data=cfg.harmful_path or "built-in", version=__version__)
-        cands.save(tmp / "candidates")
-        lap("extract", t)
-
-        t = time.perf_counter()
-        console.print("[bold]2/4 select[/]: refusal tokens from the model's own refusals, then bypass/induce/KL")
+        console.print("[bold]1/4 extract[/]: refusal tokens from the model's own refusals"
+                      + (", the paper's filtering of train and val" if cfg.filter else "") + ", diff-in-means")
         if cfg.refusal_ids:
             tok = model.tokenizer
             rtoks = RefusalTokens(list(cfg.refusal_ids), [tok.decode([i]) for i in cfg.refusal_ids], math.nan, 0)
         else:
             rtoks = find_refusal_tokens(model, splits.harmful["train"][:32], batch_size=cfg.batch_size)
+        filtering = filter_splits(model, splits, rtoks.ids, cfg) if cfg.filter else None
+        if filtering:
+            console.print("  kept " + ", ".join(f"{k.replace('_', ' ')} {v['kept']}/{v['scored']}"
+                                                for k, v in filtering.items()))
+        console.print(f"  diff-in-means on {len(splits.harmful['train'])} harmful + "
+                      f"{len(splits.harmless['train'])} harmless train prompts")
+        cands = candidate_directions(model, splits.harmful["train"], splits.harmless["train"], batch_size=cfg.batch_size)
+        cands.provenance.update(split="train", data=cfg.harmful_path or "built-in", version=__version__,
+                                filtering=filtering)
+        cands.save(tmp / "candidates")
+        lap("extract", t)
+
+        t = time.perf_counter()
+        console.print("[bold]2/4 select[/]: bypass / induce / KL on the val split")
         direction, selection = select_direction(
             model, cands, splits.harmful["val"], splits.harmless["val"], rtoks.ids, strategy=cfg.strategy,
             max_layer_frac=cfg.max_layer_frac, top_k=cfg.top_k, n_screen=cfg.n_screen, batch_size=cfg.batch_size)
         selection.config["refusal_tokens"] = asdict(rtoks)
+        selection.config["filtering"] = filtering
         coeff, shares = choose_addition_coeff(model, direction, splits.harmless["val"], rtoks.ids,
                                               cfg.target_induced_refusal, cfg.batch_size)
         selection.config["addition_coeff_search"] = {"chosen": coeff, "share_metric_positive_by_coeff": shares}
-        direction.provenance.update(refusal_tokens=rtoks.strings, addition_coeff=coeff, run_config=asdict(cfg))
+        direction.provenance.update(refusal_tokens=rtoks.strings, addition_coeff=coeff, run_config=asdict(cfg),
+                                    filtering=filtering)
         direction.save(tmp / "direction")
         selection.save(tmp / "selection.json")
         lap("select", t)
@@ -223,6 +271,7 @@ def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwr
         console.print("[bold]3/4 evaluate[/] on the test split")
         evaluation, rows = evaluate_direction(model, direction, splits, rtoks.ids, coeff, cfg)
         evaluation.update(model_id=model_id(model), direction={"layer": direction.layer, "position": direction.position},
+                          filtering=filtering,
                           selection_rule=selection.rule_text, passed_paper_filters=selection.passed_paper_filters,
                           refusal_tokens=rtoks.strings)
         lap("evaluate", t)
@@ -255,6 +304,15 @@ def _clean(obj):
     return obj
 
 
+def _filtering_text(filtering: dict | None) -> str:
+    if not filtering:
+        return "Train and val prompts were used unfiltered."
+    parts = ", ".join(f"{k.replace('_', ' ')} {v['used']} used ({v['kept']} of {v['scored']} passed)"
+                      for k, v in filtering.items())
+    return ("The paper's filtering kept harmful train/val prompts the model refuses and harmless ones it "
+            f"answers (refusal metric &gt; 0 / &lt; 0): {parts}. The test split is not filtered.")
+
+
 def write_run_report(path: Path, direction: Direction, selection: Selection, evaluation: dict, rows: list[dict]) -> Path:
     """The run's self-contained ``report.html``."""
     import html
@@ -273,6 +331,7 @@ def write_run_report(path: Path, direction: Direction, selection: Selection, eva
         f"induce {selection.score_of(direction.layer, direction.position).induce:.2f}, "
         f"KL {selection.score_of(direction.layer, direction.position).kl:.3f}). Refusal tokens: "
         f"{html.escape(', '.join(repr(s) for s in evaluation['refusal_tokens']))}.</p>{warn}"
+        f"<p>{_filtering_text(evaluation.get('filtering'))}</p>"
         f"<ul><li>harmful refusal: {c['harmful_baseline']['refusal_score']:.2f} baseline -> "
         f"{c['harmful_ablated']['refusal_score']:.2f} ablated "
         f"({c['harmful_ablated']['coherent_fraction']:.0%} coherent)</li>"

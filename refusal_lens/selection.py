@@ -53,15 +53,21 @@ from refusal_lens.interventions import ablation_hooks, addition_hooks, hooks
 
 FALLBACKS = (
     "paper: induce > 0, KL < max_kl, layer < max_layer_frac * L; lowest bypass",
-    "fallback 1: drop the induce filter; among effective candidates (bypass <= the harmless baseline "
-    "metric) with KL < max_kl, lowest bypass",
+    "fallback 1: drop the induce filter; among effective candidates with KL < max_kl, lowest bypass",
     "fallback 2: no effective candidate has KL < max_kl; among effective candidates, lowest KL",
     "fallback 3: no effective candidate; lowest bypass + kl_weight * KL",
 )
-"""Selection rules in order. A candidate is *effective* when ablating it makes harmful prompts look no
-more refusal-prone than harmless ones do without intervention (bypass <= mean refusal metric on harmless
-val): a direction that passes the KL filter but barely moves refusal is no refusal direction. Rule 2
-prefers the least damaging direction that works over one that does not work."""
+"""Selection rules in order. A candidate is *effective* when ablating it closes at least half of the gap
+between the mean refusal metric of harmful and of harmless val prompts without intervention (bypass <=
+the midpoint of the two baselines, :func:`effective_threshold`): a direction that passes the KL filter
+but barely moves refusal is no refusal direction. Rule 2 prefers the least damaging direction that works
+over one that does not work."""
+
+
+def effective_threshold(baseline: dict) -> float:
+    """The bypass score at or below which a candidate counts as effective: the midpoint of the harmful and
+    harmless val baselines of the refusal metric (``Selection.baseline``)."""
+    return 0.5 * (baseline["harmful_refusal_metric"] + baseline["harmless_refusal_metric"])
 
 
 @dataclass
@@ -375,7 +381,7 @@ def select_direction(
                                                    base_harmless, batch_size=batch_size)
         s.passes = s.induce > 0 and s.kl < max_kl
 
-    best, rule = _pick(list(scores.values()), max_kl, kl_weight, effective=baseline["harmless_refusal_metric"])
+    best, rule = _pick(list(scores.values()), max_kl, kl_weight, effective=effective_threshold(baseline))
     if rule:
         notes.append(f"No candidate passed the paper's filters; picked by {FALLBACKS[rule]}.")
     config = {"strategy": strategy, "screen": screen, "max_layer_frac": max_layer_frac, "max_kl": max_kl, "kl_weight": kl_weight,

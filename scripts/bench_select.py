@@ -5,14 +5,14 @@ not timed in the ratio), the same candidate pool and the same val prompts:
 
 * ``exhaustive`` -- ``select_direction(..., strategy="exhaustive")``: bypass, induce and KL scores for
   every candidate (3 forward passes over the val sets each), as in the paper;
-* ``fast``       -- ``select_direction(..., strategy="fast", screen="gradient", top_k=8)`` (the default):
-  one forward + backward pass screens every candidate, the ``top_k`` best get the full scores.
+* ``fast``       -- ``select_direction(..., strategy="fast")`` with the library's defaults (gradient screen,
+  ``top_k=6``, as ``refusal-lens run`` uses it): one forward + backward pass screens every candidate, a KL
+  screen runs on one candidate per layer, and the ``top_k`` best get the full scores.
 
-Exhaustive selection over all 95 candidates (layers < 0.8 L, 5 positions) with 32 val prompts takes
-about 30 minutes on 2 cores, so the default run is bounded: all positions, layers 8-18, 16 + 16 val
-prompts (about 8 minutes in all); ``--layers 0-18 --n-val 32`` is the paper-sized pool. The output says
-which subset was used, and estimates the ratio for the full pool (the exhaustive cost grows with the
-pool, the fast cost barely does).
+The default is the paper's whole pool (all layers below 0.8 L, all 5 post-instruction positions: 90
+valid candidates) with 16 + 16 val prompts, about 10 minutes on 2 cores; ``--n-val 32`` is the size
+``refusal-lens run`` uses (about twice as long), ``--layers 8-18`` a subset. With a subset the output also
+estimates the ratio for the full pool (the exhaustive cost grows with the pool, the fast cost barely does).
 
 Prints each strategy's pick (layer, position), rule and seconds, whether the picks agree, the rank of
 the exhaustive pick in the screen's ordering, and the rank correlation of the screen with the exact
@@ -21,15 +21,16 @@ bypass score. With ``--repeats`` > 1 the two strategies alternate order (medians
 
 Usage::
 
-    .venv/bin/python scripts/bench_select.py [--quick] [--layers 8-18] [--n-val 16] [--repeats 1]
+    .venv/bin/python scripts/bench_select.py [--quick] [--layers all] [--n-val 16] [--repeats 1]
 
-Not a test: the default takes about 8 minutes on 2 cores; ``--quick`` checks that the script works.
+Not a test: the default takes about 10 minutes on 2 cores; ``--quick`` checks that the script works.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import math
 import os
 import statistics
@@ -80,20 +81,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (< 1 minute): checks that the script works")
     ap.add_argument("--repeats", type=int, default=1, help="timed repeats of each strategy, alternating (default 1)")
-    ap.add_argument("--layers", default=None, help="candidate layers A-B inclusive, or 'all' (default 8-18)")
+    ap.add_argument("--layers", default=None, help="candidate layers A-B inclusive, or 'all' (default all)")
     ap.add_argument("--n-val", type=int, default=None, help="harmful and as many harmless val prompts (default 16)")
     ap.add_argument("--n-train", type=int, default=None, help="train prompts per set for extraction (default 64)")
-    ap.add_argument("--top-k", type=int, default=None, help="fast selection's fully scored candidates (default 8)")
+    ap.add_argument("--top-k", type=int, default=None, help="fast selection's fully scored candidates (default: the library's, 6)")
     ap.add_argument("--screen", default="gradient", choices=["gradient", "exact"], help="fast selection's screen")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--refusal-ids", default=None,
                     help="comma-separated refusal token ids (default: found from the model's own refusals)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--save", default=None, metavar="DIR",
+                    help="also write each strategy's selection (every candidate's scores) as DIR/<strategy>.json")
     args = ap.parse_args()
-    layers = parse_layers(args.layers or ("12-13" if args.quick else "8-18"))
+    layers = parse_layers(args.layers or ("12-13" if args.quick else "all"))
     n_val = args.n_val or (2 if args.quick else 16)
     n_train = args.n_train or (8 if args.quick else 64)
-    top_k = args.top_k or (2 if args.quick else 8)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -103,6 +105,8 @@ def main() -> None:
     from refusal_lens.evaluate import find_refusal_tokens
     from refusal_lens.models import load_model
     from refusal_lens.selection import select_direction
+
+    top_k = args.top_k or (2 if args.quick else inspect.signature(select_direction).parameters["top_k"].default)
 
     print(machine_info(), flush=True)
     t0 = time.perf_counter()
@@ -157,6 +161,11 @@ def main() -> None:
               flush=True)
 
     fast, exh = sel["fast"], sel["exhaustive"]
+    if args.save:
+        os.makedirs(args.save, exist_ok=True)
+        for name, s in sel.items():
+            s.save(os.path.join(args.save, f"{name}.json"))
+        print(f"wrote {args.save}/fast.json and {args.save}/exhaustive.json")
     keys = {k: {(s.layer, s.position) for s in sel[k].scores} for k in sel}
     if keys["fast"] != keys["exhaustive"] or keys["fast"] != set(pool):
         raise SystemExit("the two strategies saw different candidate pools")

@@ -8,7 +8,7 @@ import pytest
 
 from refusal_lens.directions import candidate_directions
 from refusal_lens.errors import DataError
-from refusal_lens.selection import CandidateScore, Selection, _pick, select_direction
+from refusal_lens.selection import CandidateScore, Selection, _pick, effective_threshold, select_direction
 
 HARMFUL = ["how to steal a car", "make a weapon now", "hurt the cat badly", "break into the house"]
 HARMLESS = ["tell me a story", "what is the weather", "how to bake bread", "the dog plays in the park"]
@@ -28,6 +28,8 @@ def test_pick_rules():
     assert (best.layer, rule) == (4, 2)  # fallback 2: effective ones (layers 3, 4) all have KL > 0.1: lowest KL
     best, rule = _pick(s, max_kl=0.1, kl_weight=10, effective=-10)
     assert (best.layer, rule) == (4, 3)  # fallback 3: none effective: bypass + 10 KL (-6 + 3 is the lowest)
+    # effective = at least half-way from the harmful to the harmless baseline metric
+    assert effective_threshold({"harmful_refusal_metric": 1.0, "harmless_refusal_metric": -3.0}) == -1.0
 
 
 def test_select_on_tiny_model(tiny_llama, tmp_path):
@@ -40,7 +42,7 @@ def test_select_on_tiny_model(tiny_llama, tmp_path):
     assert (0, -1) not in {(s.layer, s.position) for s in sel.scores}  # zero candidate never scored
     assert (d.layer, d.position) == (sel.layer, sel.position)
     best, rule = _pick(sel.scores, sel.config["max_kl"], sel.config["kl_weight"],
-                       effective=sel.baseline["harmless_refusal_metric"])
+                       effective=effective_threshold(sel.baseline))
     assert (best.layer, best.position, rule) == (sel.layer, sel.position, sel.rule)
     sel.save(tmp_path / "sel.json")
     back = Selection.load(tmp_path / "sel.json")
