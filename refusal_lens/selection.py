@@ -17,9 +17,10 @@ Two strategies:
 
 * ``"exhaustive"`` -- every candidate gets all three scores on the full val sets (the paper).
 * ``"fast"`` (default) -- every candidate gets a *screening* bypass estimate; the best position of each
-  layer gets a *screening* KL on ``n_screen`` harmless val prompts; the ``top_k`` lowest screening
-  bypass among those with screening KL < ``kl_slack * max_kl`` get the full three scores. The bypass
-  screen is either
+  layer and the ``2 * top_k`` best candidates get a *screening* KL on ``n_screen`` harmless val prompts;
+  ``top_k`` candidates get the full three scores: first those whose screens pass fallback 1 (screening
+  bypass effective, screening KL < ``kl_slack * max_kl``), then the best low-KL layers, then the lowest
+  screening bypass overall. The bypass screen is either
 
   - ``screen="gradient"`` (default): a first-order (attribution-patching) estimate of the bypass score
     for *all* candidates from one forward + backward pass over the harmful val prompts. Ablating ``r``
@@ -352,27 +353,33 @@ def select_direction(
             how = f"the exact bypass score on {len(screen_prompts)} harmful val prompts"
         else:
             raise DataError(f"Unknown screen {screen!r}; use 'gradient' or 'exact'.")
-        # the KL filter removes most late-layer candidates, so screen KL too: on the best position of
-        # each layer (by screening bypass), on n_screen harmless val prompts
+        # the KL filter decides the pick on most models, so screen KL too (n_screen harmless val prompts):
+        # on the best position of every layer (by screening bypass; finds the low-KL layers) and on the
+        # 2 * top_k best candidates overall (where the pick lies; neighbouring positions differ in KL)
         per_layer: dict[int, tuple[int, int]] = {}
-        for key in sorted(pool, key=lambda k: scores[k].screen_bypass):
+        overall = sorted(pool, key=lambda k: scores[k].screen_bypass)
+        for key in overall:
             per_layer.setdefault(key[0], key)
+        kl_keys = list(dict.fromkeys(list(per_layer.values()) + overall[: 2 * top_k]))
         kl_prompts = list(harmless_val[:n_screen])
         base_kl_logits = base_harmless[: len(kl_prompts)]
-        for key in tqdm(per_layer.values(), desc="screening KL", disable=not progress, leave=False):
+        for key in tqdm(kl_keys, desc="screening KL", disable=not progress, leave=False):
             d = candidates.direction(*key)
             with hooks(model, ablation_hooks(model, d.vector)):
                 scores[key].screen_kl = kl_last(base_kl_logits, last_logits(model, kl_prompts, batch_size=batch_size))
-        # score the best by screening bypass among low-KL layers, and the best overall (which may be the only
-        # effective ones): both kinds feed the rules of FALLBACKS
-        low_kl = [k for k in sorted(per_layer.values(), key=lambda k: scores[k].screen_bypass)
-                  if scores[k].screen_kl < max_kl * kl_slack]
-        overall = sorted(pool, key=lambda k: scores[k].screen_bypass)
-        to_score = list(dict.fromkeys(low_kl[: (top_k + 1) // 2] + overall))[:top_k]
-        notes.append(f"fast selection: screened {len(pool)} candidates by {how}; screened KL on the best "
-                     f"position of each of {len(per_layer)} layers ({len(kl_prompts)} harmless val prompts); "
-                     f"scored fully the lowest screening bypass among those with screening KL < {kl_slack} x {max_kl} "
-                     f"and overall ({len(to_score)} candidates).")
+        # score, in this order: the candidates rule 1 would pick by the screens (screening bypass effective,
+        # screening KL low), the best low-KL layers, then the best overall (which may be the only effective
+        # ones): all three kinds feed the rules of FALLBACKS
+        threshold = effective_threshold(baseline)
+        low = [k for k in overall if k in kl_keys and scores[k].screen_kl < max_kl * kl_slack]
+        rule1 = [k for k in low if scores[k].screen_bypass <= threshold]
+        low_layers = [k for k in low if k in per_layer.values()]
+        to_score = list(dict.fromkeys(rule1 + low_layers[: (top_k + 1) // 2] + overall))[:top_k]
+        notes.append(f"fast selection: screened {len(pool)} candidates by {how}; screened KL on {len(kl_keys)} "
+                     f"(the best position of each of {len(per_layer)} layers and the {2 * top_k} best overall; "
+                     f"{len(kl_prompts)} harmless val prompts); scored fully {len(to_score)}: first those whose "
+                     f"screens pass rule 1 (bypass <= {threshold:.2f}, KL < {kl_slack} x {max_kl}), then the best "
+                     "low-KL layers, then the best overall.")
 
     for layer, pos in tqdm(to_score, desc="scoring candidates", disable=not progress, leave=False):
         d = candidates.direction(layer, pos)

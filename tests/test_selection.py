@@ -55,6 +55,29 @@ def test_select_on_tiny_model(tiny_llama, tmp_path):
     assert (d2.layer, d2.position) == (d.layer, d.position)
 
 
+def test_fast_screens_kl_where_the_pick_lies(tiny_llama):
+    """KL is screened on the best position of every layer and on the 2 * top_k best candidates; the
+    candidates whose screens pass fallback 1 are scored fully first."""
+    c = candidate_directions(tiny_llama, HARMFUL, HARMLESS, progress=False)
+    refusal_ids = [tiny_llama.tokenizer.convert_tokens_to_ids("<|eos|>")]
+    top_k = 1  # the tiny model has 4 valid candidates
+    _, sel = select_direction(tiny_llama, c, VAL_H, VAL_HL, refusal_ids, strategy="fast", top_k=top_k,
+                              max_layer_frac=1.0, progress=False)
+    by_screen = sorted(sel.scores, key=lambda s: s.screen_bypass)
+    assert len(by_screen) > 2 * top_k and not any(math.isnan(s.screen_bypass) for s in by_screen)
+    kl_screened = {(s.layer, s.position) for s in sel.scores if not math.isnan(s.screen_kl)}
+    best_per_layer: dict[int, tuple[int, int]] = {}
+    for s in by_screen:
+        best_per_layer.setdefault(s.layer, (s.layer, s.position))
+    assert {(s.layer, s.position) for s in by_screen[: 2 * top_k]} | set(best_per_layer.values()) == kl_screened
+    full = {(s.layer, s.position) for s in sel.scores if not math.isnan(s.bypass)}
+    assert len(full) == top_k
+    thr = effective_threshold(sel.baseline)
+    rule1 = [(s.layer, s.position) for s in by_screen
+             if (s.layer, s.position) in kl_screened and s.screen_kl < 0.15 and s.screen_bypass <= thr]
+    assert set(rule1[:top_k]) <= full
+
+
 def test_select_bad_input(tiny_llama):
     c = candidate_directions(tiny_llama, HARMFUL, HARMLESS, progress=False)
     with pytest.raises(DataError):
