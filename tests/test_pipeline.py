@@ -17,11 +17,12 @@ HARMLESS = ["tell me a story", "what is the weather", "how to bake bread", "the 
             "sing a song", "draw a cat", "plan a trip", "write a poem"]
 
 
-def _write_sets(tmp_path, harmful=HARMFUL, harmless=HARMLESS):
+def _write_sets(tmp_path, harmful=HARMFUL, harmless=HARMLESS, sizes=(4, 2, 2)):
+    """jsonl files with ``sizes`` = (train, val, test) instructions per set (extra items are dropped)."""
     paths = []
+    splits = ["train"] * sizes[0] + ["val"] * sizes[1] + ["test"] * sizes[2]
     for name, items in (("harmful", harmful), ("harmless", harmless)):
         p = tmp_path / f"{name}.jsonl"
-        splits = ["train"] * 4 + ["val"] * 2 + ["test"] * 2
         p.write_text("\n".join(json.dumps({"instruction": x, "split": s}) for x, s in zip(items, splits, strict=False)))
         paths.append(str(p))
     return paths
@@ -200,12 +201,7 @@ def test_run_filters_train_and_val_not_test(tiny_llama, tmp_path, monkeypatch):
         return torch.tensor([-1.0 if x in answered else 1.0 if (x in harmful or x in refused) else -1.0 for x in xs])
 
     monkeypatch.setattr(ev, "refusal_metric", fake_metric)
-    paths = []
-    for name, items in (("harmful", harmful), ("harmless", harmless)):
-        p = tmp_path / f"{name}.jsonl"
-        splits = ["train"] * 6 + ["val"] * 3 + ["test"] * 2
-        p.write_text("\n".join(json.dumps({"instruction": x, "split": s}) for x, s in zip(items, splits, strict=True)))
-        paths.append(str(p))
+    paths = _write_sets(tmp_path, harmful, harmless, sizes=(6, 3, 2))
     cfg = RunConfig(harmful_path=paths[0], harmless_path=paths[1], max_new_tokens=4, batch_size=4, refusal_ids=[1],
                     max_layer_frac=1.0, n_train=4, strategy="exhaustive")
     res = run_pipeline(tiny_llama, tmp_path / "run", cfg)
