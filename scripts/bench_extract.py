@@ -24,7 +24,7 @@ The last line is ``refusal-lens / plain throughput: N.NNx`` (goal >= 0.9x).
 
 Usage::
 
-    .venv/bin/python scripts/bench_extract.py [--quick] [--repeats 5] [--n-prompts 64] [--batch-size 16]
+    .venv/bin/python scripts/bench_extract.py [--quick] [--repeats 3] [--n-prompts 64] [--batch-size 16]
 
 Not a test: the default takes a few minutes on 2 cores; ``--quick`` checks that the script works.
 """
@@ -123,7 +123,7 @@ def plain_means(hf, tok, harmful, harmless, positions, batch_size: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (< 1 minute): checks that the script works")
-    ap.add_argument("--repeats", type=int, default=None, help="interleaved timed repeats (default 5; quick 2)")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved timed repeats (default 3; quick 2)")
     ap.add_argument("--n-prompts", type=int, default=None, help="harmful and as many harmless prompts (default 64)")
     ap.add_argument("--batch-size", type=int, default=None, help="default 16 (quick 2)")
     ap.add_argument("--matmul-n", type=int, default=2048, help="size of the peak-FLOP/s matmul (default 2048)")
@@ -131,7 +131,7 @@ def main() -> None:
                     help="attention of the plain model (default eager, as the bridge forces)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = ap.parse_args()
-    repeats = args.repeats or (2 if args.quick else 5)
+    repeats = args.repeats or (2 if args.quick else 3)
     n_prompts = args.n_prompts or (2 if args.quick else 64)
     batch_size = args.batch_size or (2 if args.quick else 16)
     if args.threads:

@@ -139,7 +139,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=14, help="direction layer (default 14)")
     ap.add_argument("--position", type=int, default=-1, help="direction position (default -1)")
     ap.add_argument("--uncached-prompts", type=int, default=None,
-                    help="prompts for the cached-vs-uncached comparison (default 8; quick 2; 0 skips it)")
+                    help="prompts for the cached-vs-uncached comparison (default 4; quick 2; 0 skips it)")
     ap.add_argument("--plain-attn", default="eager", choices=["eager", "sdpa"],
                     help="attention of the plain model (default eager, as the bridge forces)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -149,7 +149,7 @@ def main() -> None:
     max_new = args.max_new_tokens or (4 if args.quick else 32)
     batch_size = args.batch_size or (4 if args.quick else 16)
     n_train = args.n_train or (4 if args.quick else 16)
-    n_sub = args.uncached_prompts if args.uncached_prompts is not None else (2 if args.quick else 8)
+    n_sub = args.uncached_prompts if args.uncached_prompts is not None else (2 if args.quick else 4)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
