@@ -232,13 +232,14 @@ class Coherence:
 
 
 def coherence(base_model, instructions: Sequence[str], completions: Sequence[str], *,
-              max_perplexity: float = 30.0, max_repetition: float = 0.5, batch_size: int = 8) -> Coherence:
+              max_perplexity: float = 30.0, max_repetition: float = 0.5, batch_size: int = 8,
+              fmt: ChatFormat | None = None) -> Coherence:
     """Judge completions (e.g. of an ablated model) with the unedited base model.
 
     A garbage completion has a perplexity of hundreds under the base model; a fluent answer, even one
     the base model would not have given, stays in the single digits to low tens.
     """
-    pairs = completion_nll(base_model, instructions, completions, batch_size=batch_size)
+    pairs = completion_nll(base_model, instructions, completions, batch_size=batch_size, fmt=fmt)
     ppl = [math.exp(s / n) if n else float("inf") for s, n in pairs]
     rep = [repetition(c) for c in completions]
     ok = [bool(c.strip()) and r < max_repetition and p < max_perplexity for c, r, p in zip(completions, rep, ppl, strict=True)]

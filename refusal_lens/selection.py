@@ -333,6 +333,7 @@ def select_direction(
         "harmful_refusal_metric": float(refusal_metric_from_logits(base_harmful, refusal_ids).mean()),
         "harmless_refusal_metric": float(refusal_metric_from_logits(base_harmless, refusal_ids).mean()),
     }
+    threshold = effective_threshold(baseline)
     scores = {key: CandidateScore(*key) for key in pool}
 
     to_score = pool
@@ -370,10 +371,10 @@ def select_direction(
         # score, in this order: the candidates rule 1 would pick by the screens (screening bypass effective,
         # screening KL low), the best low-KL layers, then the best overall (which may be the only effective
         # ones): all three kinds feed the rules of FALLBACKS
-        threshold = effective_threshold(baseline)
-        low = [k for k in overall if k in kl_keys and scores[k].screen_kl < max_kl * kl_slack]
+        low = [k for k in overall if scores[k].screen_kl < max_kl * kl_slack]  # unscreened: NaN, never low
         rule1 = [k for k in low if scores[k].screen_bypass <= threshold]
-        low_layers = [k for k in low if k in per_layer.values()]
+        best_of_layer = set(per_layer.values())
+        low_layers = [k for k in low if k in best_of_layer]
         to_score = list(dict.fromkeys(rule1 + low_layers[: (top_k + 1) // 2] + overall))[:top_k]
         notes.append(f"fast selection: screened {len(pool)} candidates by {how}; screened KL on {len(kl_keys)} "
                      f"(the best position of each of {len(per_layer)} layers and the {2 * top_k} best overall; "
@@ -388,7 +389,7 @@ def select_direction(
                                                    base_harmless, batch_size=batch_size)
         s.passes = s.induce > 0 and s.kl < max_kl
 
-    best, rule = _pick(list(scores.values()), max_kl, kl_weight, effective=effective_threshold(baseline))
+    best, rule = _pick(list(scores.values()), max_kl, kl_weight, effective=threshold)
     if rule:
         notes.append(f"No candidate passed the paper's filters; picked by {FALLBACKS[rule]}.")
     config = {"strategy": strategy, "screen": screen, "max_layer_frac": max_layer_frac, "max_kl": max_kl, "kl_weight": kl_weight,
