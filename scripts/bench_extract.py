@@ -36,7 +36,7 @@ import statistics
 import time
 
 import torch
-from _bench import machine_info
+from _bench import load_bridge_and_plain, machine_info
 
 
 def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
@@ -138,25 +138,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from refusal_lens.data import load_builtin
-    from refusal_lens.models import embedded_model_folder, load_model
     from refusal_lens.prompts import ChatFormat
 
     print(machine_info(), flush=True)
     peak = matmul_flops(args.matmul_n, 3 if args.quick else 10)
     print(f"fp32 matmul peak: {peak / 1e9:.0f} GFLOP/s ({args.matmul_n}^3 torch.matmul, median)", flush=True)
 
-    folder = embedded_model_folder()
-    t0 = time.perf_counter()
-    model = load_model()
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=args.plain_attn).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    print(f"loaded the bridge and the plain model in {time.perf_counter() - t0:.1f} s", flush=True)
+    model, hf, tok = load_bridge_and_plain(args.plain_attn)
 
     harmful = load_builtin("harmful", "train")[:n_prompts]
     harmless = load_builtin("harmless", "train")[:n_prompts]

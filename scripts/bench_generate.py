@@ -41,7 +41,7 @@ import time
 from contextlib import contextmanager
 
 import torch
-from _bench import machine_info
+from _bench import load_bridge_and_plain, machine_info
 
 # --------------------------------------------------------------------------------------------------
 # Instrumentation of the bridge (restored on exit)
@@ -154,22 +154,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from refusal_lens.data import load_builtin
     from refusal_lens.directions import candidate_directions
     from refusal_lens.evaluate import refusal_score
     from refusal_lens.interventions import ablate, generate
-    from refusal_lens.models import embedded_model_folder, load_model
 
     print(machine_info(), flush=True)
-    folder = embedded_model_folder()
-    t0 = time.perf_counter()
-    model = load_model()
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=args.plain_attn).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.padding_side = "left"
-    print(f"loaded the bridge and the plain model in {time.perf_counter() - t0:.1f} s", flush=True)
+    model, hf, tok = load_bridge_and_plain(args.plain_attn)
 
     t0 = time.perf_counter()
     cands = candidate_directions(model, load_builtin("harmful", "train")[:n_train],
