@@ -9,7 +9,7 @@ import torch
 from refusal_lens.data.external import LETTERS, MMLUQuestion
 from refusal_lens.errors import DataError
 from refusal_lens.evaluate import completion_nll, last_logits
-from refusal_lens.interventions import ablate
+from refusal_lens.interventions import Ablation
 from refusal_lens.mmlu import (
     FORMATS,
     MMLUResult,
@@ -72,8 +72,8 @@ def test_letter_scoring_is_the_argmax_over_letters(tiny_llama):
     # interventions are applied: predictions match the manual argmax under the same ablation
     d = torch.randn(tiny_llama.cfg.d_model, generator=torch.Generator().manual_seed(0))
     abl = mmlu(tiny_llama, n_per_subject=3, fmt="zero-shot-prefix", questions=pool, progress=False,
-               interventions=[lambda m: ablate(m, d)])
-    assert [r["predicted"] for r in abl.records] == _manual_letter(tiny_llama, sample, "Answer:", [lambda m: ablate(m, d)])
+               interventions=Ablation(tiny_llama, d))
+    assert [r["predicted"] for r in abl.records] == _manual_letter(tiny_llama, sample, "Answer:", Ablation(tiny_llama, d))
 
 
 def test_text_scoring_is_the_best_mean_logprob(tiny_llama):
