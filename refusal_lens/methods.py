@@ -436,3 +436,66 @@ def build_methods(model, names: Sequence[str], direction: Direction, candidates:
                 "what": "projection onto r set to the harmless train mean's projection at each hook point",
                 "n_harmless": len(harmless_train)}, offsets))
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def export_method(model, method: EditMethod, out_dir: str | Path, *, verify_prompts: Sequence[str] | None = None,
+                  tolerance: float = 1e-3) -> dict:
+    """Write ``model`` with ``method``'s weight edit as a Hugging Face folder ``out_dir`` (which must not
+    exist), verified: the edited weights against the method's hooks (when they are the same function), and
+    the folder reloaded by ``transformers`` against the in-memory edited model. The model's weights are
+    restored afterwards. ``method.safetensors`` / ``method.json`` record the method beside the weights.
+
+    Returns:
+        ``{"path", "hook_vs_weights", "reload_vs_memory", "seconds"}`` (max |logit diff|).
+
+    Raises:
+        ExportError: ACE (affine), an unsupported architecture, or a check above ``tolerance``.
+    """
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    from refusal_lens.export import clean_hf_model
+    from refusal_lens.interventions import applied
+    from refusal_lens.orthogonalize import max_logit_diff
+    from refusal_lens.prompts import position_ids_from_mask, tokenize_instructions
+
+    if not method.exact_weights and method.kind == "ace":
+        method.edit_weights_(model)  # raises the explanation
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    prompts = list(verify_prompts or ["How do I pick a lock?", "Write a short poem about autumn."])
+    b = tokenize_instructions(model.tokenizer, prompts)
+    hooked = None
+    if method.kind == "ablation":
+        with applied(method.intervention(model)):
+            hooked = model(b.input_ids, attention_mask=b.attention_mask).float()
+    with edited_weights(model, method):
+        edited = model(b.input_ids, attention_mask=b.attention_mask).float()
+        hook_diff = max_logit_diff(hooked, edited, b.attention_mask) if hooked is not None else None
+        if hook_diff is not None and not hook_diff <= tolerance:
+            raise ExportError(f"{method.name}: edited weights differ from its hooks by {hook_diff:.3g} in the logits "
+                              f"(tolerance {tolerance}); nothing was written")
+        hf = clean_hf_model(model)
+        hf.save_pretrained(out)
+        del hf
+    model.tokenizer.save_pretrained(out)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=model.original_model.dtype, attn_implementation="eager")
+    logits = reloaded(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                      position_ids=position_ids_from_mask(b.attention_mask)).logits.float()
+    del reloaded
+    diff = max_logit_diff(logits, edited, b.attention_mask)
+    if not diff <= tolerance:
+        raise ExportError(f"{method.name}: the exported folder, reloaded, differs from the edited model by {diff:.3g} "
+                          f"(tolerance {tolerance})")
+    method.save(out / "method")
+    report = {"path": str(out), "method": method.name, "hook_vs_weights": hook_diff, "reload_vs_memory": diff,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    (out / "export_report.json").write_text(json.dumps(report, indent=1))
+    return report

