@@ -124,11 +124,12 @@ class Direction:
 
     @classmethod
     def load(cls, path: str | Path) -> Direction:
-        """Read a direction saved by :meth:`save` (safetensors + json; never a pickle).
+        """Read a direction saved by :meth:`save` (safetensors + json; never a pickle); ``path`` may also be a
+        run folder (its ``direction`` pair is read).
 
         Raises :class:`DirectionError` naming the fix for a missing, empty, truncated or incomplete pair.
         """
-        st, js = pair_paths(path)
+        st, js = pair_paths(Path(path) / "direction" if Path(path).is_dir() else path)  # a run folder works too
         what = "a direction is a .safetensors + .json pair written by `refusal-lens run`, `select` or Direction.save"
         meta = _read_json(js, what, {"layer": int, "position": int, "model_id": str})
         vector = _read_tensors(st, what, ("direction",))["direction"]
@@ -244,7 +245,7 @@ class Candidates:
     @classmethod
     def load(cls, path: str | Path) -> Candidates:
         """Read candidates saved by :meth:`save`; :class:`DirectionError` naming the fix on a bad pair."""
-        st, js = pair_paths(path)
+        st, js = pair_paths(Path(path) / "candidates" if Path(path).is_dir() else path)  # a run folder works too
         what = "candidates are a .safetensors + .json pair written by `refusal-lens extract` or `run`"
         meta = _read_json(js, what, {"positions": list, "model_id": str})
         t = _read_tensors(st, what, ("diffs", "harmful_mean", "harmless_mean"))

@@ -326,6 +326,22 @@ def check_hf_folder(path: Path) -> None:
         raise ModelLoadError(f"{cfg} is not a model config (no 'model_type' field); restore the model's config.json.")
 
 
+def _folder_tokenizer(path: Path):
+    """The tokenizer of an HF folder, or :class:`ModelLoadError` when the folder has no usable one."""
+    from transformers import AutoTokenizer
+
+    files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+    if not any((path / f).is_file() for f in files):
+        raise ModelLoadError(f"{path} has no tokenizer (none of {', '.join(files)}); copy the model's tokenizer "
+                             "files into the folder (`tokenizer.save_pretrained(folder)`).")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"The tokenizer in {path} cannot be loaded ({' '.join(str(e).split())[:200]}); copy "
+                             "the model's complete tokenizer files (tokenizer.json, tokenizer_config.json) into "
+                             "the folder.") from e
+
+
 def _load_hf(name: str, dtype: torch.dtype, trust_remote_code: bool):
     """Load (model, tokenizer, model_id) from a folder, a .gguf file, or a name in the local HF cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -349,7 +365,7 @@ def _load_hf(name: str, dtype: torch.dtype, trust_remote_code: bool):
         return model, tok, f"gguf:{path.resolve()}"
     if path.is_dir():
         check_hf_folder(path)
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = _folder_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
         return model, tok, str(model.config.name_or_path or path.resolve())
     try:

@@ -98,7 +98,8 @@ def load_splits(cfg: RunConfig, *, truncate: bool = True) -> Splits:
         validate_instructions(load_instructions(path) if path else load_builtin(kind), name=f"{kind} set")
         for split in limits:
             items = load_instructions(path, split=split) if path else load_builtin(kind, split)
-            target[split] = validate_instructions(items, name=f"{kind} {split}", min_count=MIN_PER_SPLIT[split])
+            name = f"{kind} {split}" + (f" ({path})" if path else "")
+            target[split] = validate_instructions(items, name=name, min_count=MIN_PER_SPLIT[split])
     # every split of both sets, before truncation: a harmful train prompt in the harmless test split leaks too
     check_disjoint({f"{kind} {split}": items for kind in ("harmful", "harmless")
                     for split, items in getattr(splits, kind).items()})

@@ -265,6 +265,12 @@ def test_direction_json_not_json(tmp_path, capsys):
     fails(capsys, ["hijack", "-d", str(st), "--out", str(tmp_path / "h")], 2, "not readable JSON")
 
 
+def test_a_run_folder_is_accepted_as_a_direction(tmp_path):
+    run = tmp_path / "run"
+    Direction(torch.ones(8), layer=2, position=-1, model_id="m").save(run / "direction")
+    assert Direction.load(run).layer == 2
+
+
 def test_candidates_missing_truncated_or_mismatched(tmp_path, capsys):
     fails(capsys, ["select", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "d")], 2, "missing")
     c = Candidates(torch.ones(2, 3, 8), [-3, -2, -1], "m", torch.ones(2, 3, 8), torch.zeros(2, 3, 8))
@@ -297,6 +303,12 @@ def test_model_folder_faults(tiny, tmp_path, capsys):
     w = next(bad.glob("*.safetensors"))
     w.write_bytes(w.read_bytes()[:-1000])
     fails(capsys, ["extract", "-m", str(bad), "--out", str(tmp_path / "c")], 2, "truncated", loads=True)
+    shutil.rmtree(bad)
+    shutil.copytree(tiny, bad)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bad / name).unlink()
+    fails(capsys, ["extract", "-m", str(bad), "--out", str(tmp_path / "c")], 2, "has no tokenizer", loads=True)
+    assert not (tmp_path / "c.safetensors").exists()
 
 
 def _gguf(path: Path) -> bytes:

@@ -301,9 +301,14 @@ def _from_records(records: list[Any], *, source: str, column: str | None, split:
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
-        if reader.fieldnames is None:
-            raise DataError(f"{path}: the CSV file is empty; add a header row and at least one instruction")
-        return [dict(row) for row in reader]
+        try:
+            if reader.fieldnames is None:
+                raise DataError(f"{path}: the CSV file is empty; add a header row and at least one instruction")
+            return [dict(row) for row in reader]
+        except csv.Error as exc:  # e.g. a NUL byte or a field over the size limit: not a text CSV
+            raise DataError(
+                f"{path}: line {reader.line_num} is not valid CSV ({exc}); save the file as UTF-8 CSV text"
+            ) from exc
 
 
 def _read_json(path: Path) -> list[Any]:
