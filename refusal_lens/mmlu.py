@@ -157,7 +157,8 @@ class MMLUResult:
     """Per-question answers of one MMLU probe, with accuracy overall and per subject.
 
     Attributes:
-        records: per question ``{"subject", "answer", "predicted", "correct"}`` in sample order.
+        records: per question ``{"subject", "answer", "predicted", "correct", "scores"}`` in sample order
+            (``scores``: the four options' log-probabilities, letter or mean per text token).
         format: the :class:`MMLUFormat` as a dict; ``n_per_subject``, ``seed``: the sample.
         seconds: wall time of the probe.
     """
@@ -248,10 +249,11 @@ def mmlu(model, *, n_per_subject: int = 2, seed: int = 0, fmt: str | MMLUFormat 
             nll = completion_nll(model, instr, comps, interventions=interventions, batch_size=len(instr), fmt=chat)
             scores.append(torch.tensor([-s / max(n, 1) for s, n in nll], dtype=torch.float64).view(len(idx), 4))
         bar.update(len(idx))
-    preds = [0] * len(sample)
-    for j, p in zip(order, torch.cat(scores).argmax(-1).tolist(), strict=True):
-        preds[j] = p
+    preds, per_q = [0] * len(sample), [[0.0] * 4 for _ in sample]
+    flat = torch.cat(scores)
+    for j, p, sc in zip(order, flat.argmax(-1).tolist(), flat.tolist(), strict=True):
+        preds[j], per_q[j] = p, [round(x, 4) for x in sc]
     bar.close()
-    records = [{"subject": q.subject, "answer": q.answer, "predicted": LETTERS[p], "correct": LETTERS[p] == q.answer}
-               for q, p in zip(sample, preds, strict=True)]
+    records = [{"subject": q.subject, "answer": q.answer, "predicted": LETTERS[p], "correct": LETTERS[p] == q.answer,
+                "scores": sc} for q, p, sc in zip(sample, preds, per_q, strict=True)]
     return MMLUResult(records, asdict(form), n_per_subject, seed, round(time.perf_counter() - t0, 1))

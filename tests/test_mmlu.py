@@ -68,6 +68,7 @@ def test_letter_scoring_is_the_argmax_over_letters(tiny_llama):
     res = mmlu(tiny_llama, n_per_subject=3, fmt="zero-shot-prefix", questions=pool, batch_size=4, progress=False)
     assert [r["predicted"] for r in res.records] == _manual_letter(tiny_llama, sample, "Answer:")
     assert res.accuracy.n == 9 and res.accuracy.k == sum(r["predicted"] == q.answer for r, q in zip(res.records, sample, strict=True))
+    assert all(LETTERS[max(range(4), key=r["scores"].__getitem__)] == r["predicted"] for r in res.records)
     assert set(res.by_subject) == {"subj0", "subj1", "subj2"} and all(r.n == 3 for r in res.by_subject.values())
     # interventions are applied: predictions match the manual argmax under the same ablation
     d = torch.randn(tiny_llama.cfg.d_model, generator=torch.Generator().manual_seed(0))
