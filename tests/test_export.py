@@ -232,8 +232,20 @@ def test_streaming_refuses_a_broken_index_or_shard(damage, sources, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
 
 
-def test_streaming_refuses_gemma2(tmp_path):
-    src = save_tiny("gemma2", tmp_path / "gemma2")
-    with pytest.raises(ExportError, match="gemma2.*norm AFTER"):
-        export_streaming(src, direction_for(src), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("arch", ("gemma2", "gemma3", "olmo2"))
+def test_post_norm_export_streaming_equals_in_memory_and_reloads(arch, tmp_path):
+    """Gemma2/3 and OLMo2: both routes apply the gain-scaled edit, bit for bit, and plain transformers reloads it."""
+    src = save_tiny(arch, tmp_path / arch)
+    d = direction_for(src)
+    mem = export(load_model(src), d, tmp_path / "mem", verify_prompts=["Why?", "Tell me a story."])
+    assert mem.exact is False and mem.hook_ablation_diff > 1e-3  # not the same function as hook ablation
+    assert mem.max_resid_along_r <= 1e-5 and 0 < mem.kl_vs_hook_ablation <= 1e-2
+    assert mem.max_logit_diff <= 1e-4
+    assert "normalize(g * r)" in (tmp_path / "mem" / "README.md").read_text()
+    stream = export_streaming(src, d, tmp_path / "stream")
+    assert stream.exact is False
+    a, b = all_tensors(tmp_path / "mem"), all_tensors(tmp_path / "stream")
+    assert sorted(a) == sorted(b)
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+    down = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(b[down], all_tensors(src)[down])

@@ -16,7 +16,9 @@ from refusal_lens.orthogonalize import (
     OUT_IN,
     ROWS,
     _batch,
+    _hf_named_parameters,
     _logits,
+    check_edit,
     check_equivalence,
     is_orthogonalized,
     max_logit_diff,
@@ -24,6 +26,7 @@ from refusal_lens.orthogonalize import (
     project_out_,
     residual_writers,
     unit_vector,
+    untie_embeddings_,
     writer_patterns,
 )
 from tiny import boot_tiny
@@ -67,7 +70,8 @@ def test_orthogonalize_edits_in_place(arch):
 
     writers = orthogonalize(model, d)
     r = d.vector
-    for name, param, layout in writers:  # every writer's output is now orthogonal to r
+    for name, param, layout, gain in writers:  # every writer's output is now orthogonal to r
+        assert gain is None
         out_along_r = param @ r if layout == ROWS else r @ param
         assert out_along_r.abs().max() < 1e-5, name
     # the unembedding keeps the unedited weights (a tied model's were the embedding's)
@@ -113,34 +117,59 @@ def test_without_untying_the_edit_leaks_into_the_unembedding(arch):
     assert max_logit_diff(reference, _logits(model, batch), batch.attention_mask) > 1e-2
 
 
-def test_gemma2_is_refused_because_of_its_post_norms():
+@pytest.mark.parametrize("arch", ("gemma2", "olmo2"))
+def test_post_norm_families_project_against_the_gain_scaled_direction(arch):
+    """Gemma2 (g = 1 + w) and OLMo2 (g = w): o_proj/down_proj are projected against normalize(g * r)."""
+    model = boot_tiny(arch)
+    d = direction_for(model)
+    r = unit_vector(d)
+    hf = model.original_model
+    writers = residual_writers(model)
+    by_name = dict(_hf_named_parameters(hf))
+    offset = 1.0 if arch == "gemma2" else 0.0
+    for w in writers:
+        if w.name.endswith("embed_tokens.weight"):
+            assert w.gain is None
+            continue
+        layer = w.name.split(".")[2]
+        norm = "post_attention_layernorm" if "o_proj" in w.name else "post_feedforward_layernorm"
+        assert torch.equal(w.gain, offset + by_name[f"model.layers.{layer}.{norm}.weight"].float())
+    assert len(writers) == 1 + 2 * model.cfg.n_layers
+    with pytest.raises(ExportError, match="not the same function as hook ablation"):
+        check_equivalence(model, d, PROMPTS)
+
+    orthogonalize(model, d)
+    for w in writers:  # each write, after its norm's gain, has no component along r
+        u = r if w.gain is None else w.gain * r
+        out_along = w.param @ u if w.layout == ROWS else u @ w.param
+        assert out_along.abs().max() < 1e-6, w.name
+
+
+def test_gemma2_llama_style_edit_leaves_r_in_the_stream():
+    """Why the gain matters: projecting o_proj/down_proj against r itself leaves r in Gemma2's stream."""
+    from refusal_lens.orthogonalize import max_component_along
+
     model = boot_tiny("gemma2")
     d = direction_for(model)
-    for call in (lambda: residual_writers(model), lambda: orthogonalize(model, d),
-                 lambda: check_equivalence(model, d, PROMPTS)):
-        with pytest.raises(ExportError, match="norm AFTER") as info:
-            call()
-        assert "gemma2" in str(info.value) and "re-introduces" in str(info.value)
-    assert model.unembed.weight is model.embed.weight  # refused before touching anything
-
-    # Why: the llama-style edit of o_proj/down_proj does not reproduce hook ablation on Gemma2.
     batch = _batch(model, PROMPTS)
-    with ablate(model, d):
-        reference = _logits(model, batch)
-    from refusal_lens.models import _untie_
-    from refusal_lens.orthogonalize import _hf_named_parameters
-
-    _untie_(model.original_model)
-    for name, p in _hf_named_parameters(model.original_model):
-        hit = _LLAMA.match(name)
-        if hit is not None:
-            project_out_(p, unit_vector(d), hit[2])
-    assert max_logit_diff(reference, _logits(model, batch), batch.attention_mask) > 1e-2
+    r = unit_vector(d)
+    untie_embeddings_(model)
+    for w in residual_writers(model):
+        project_out_(w.param, r, w.layout)
+    naive = max_component_along(model, batch, r)
+    fresh = boot_tiny("gemma2")
+    check = check_edit(fresh, d, PROMPTS)
+    print(f"gemma2: max |x.r|/|x| naive edit {naive:.3g}, gain-scaled edit {check.max_along_r:.3g}")
+    assert naive > 1e-2 and check.max_along_r <= 1e-5
 
 
 def test_unknown_or_mismatched_architecture_is_refused(monkeypatch):
-    with pytest.raises(ExportError, match="'falcon'.*Supported model types: gpt2, llama"):
+    with pytest.raises(ExportError, match="'falcon'.*Supported model types: gemma2, .*gpt2, llama"):
         writer_patterns("falcon")
+    # a post-norm family outside the table, or filed under a pre-norm family's type, is refused
+    for mtype in ("cohere2", "llama"):
+        with pytest.raises(ExportError, match="norm AFTER"):
+            writer_patterns(mtype, ["model.layers.0.post_feedforward_layernorm.weight"])
     model = boot_tiny("llama")
     broken = type(_LLAMA)(embed=_LLAMA.embed, attn_out=_LLAMA.attn_out,
                           mlp_out=r"model\.layers\.(?P<layer>\d+)\.mlp\.up_proj\.weight")
