@@ -229,15 +229,15 @@ def _untied_config(config):
 def _clean_state(model) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """``(fresh model on the meta device, {HF key: the bridge's tensor})`` for the keys the fresh model has.
 
-    Parameters that accelerate offloaded stay ``meta`` tensors here (the Parameters themselves, so that
-    :func:`refusal_lens.orthogonalize.read_param` finds their stored value).
+    Parameters that accelerate offloaded are ``meta`` tensors here; read them by key with
+    :func:`refusal_lens.orthogonalize.read_param`.
     """
     from transformers import AutoModelForCausalLM
 
     hf = model.original_model
     cfg = _untied_config(hf.config)
     stripped: dict[str, torch.Tensor] = {}
-    for key, tensor in [*hf.named_parameters(remove_duplicate=False), *hf.named_buffers(remove_duplicate=False)]:
+    for key, tensor in hf.state_dict().items():
         stripped.setdefault(key.replace("._original_component", ""), tensor)
     with torch.device("meta"):
         fresh = AutoModelForCausalLM.from_config(cfg, dtype=hf.dtype)
@@ -249,7 +249,8 @@ def _clean_state(model) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
             "Export from a folder instead with export_streaming()."
         )
     for key in set(stripped) - set(wanted):
-        if key.endswith("lm_head.bias") and bool(read_param(hf, stripped[key]).abs().max() > 0):
+        value = read_param(hf, key) if stripped[key].device.type == "meta" else stripped[key]
+        if key.endswith("lm_head.bias") and bool(value.abs().max() > 0):
             raise ExportError(
                 f"The unembedding has a non-zero bias, which {type(fresh).__name__} cannot hold; refusing to "
                 "drop it silently."
@@ -309,7 +310,8 @@ def _save_offloaded(model, folder: Path, max_shard_size: str | int) -> None:
         writer = _ShardWriter(folder / name, entries, {"format": "pt"})
         try:
             for key, *_ in entries:
-                writer.write_tensor(read_param(hf, state[key]).detach().to("cpu"))
+                t = state[key]
+                writer.write_tensor((read_param(hf, key) if t.device.type == "meta" else t).detach().to("cpu"))
                 weight_map[key] = name
         finally:
             writer.close()

@@ -280,7 +280,7 @@ def residual_writers(model) -> list[Writer]:
         if norm is not None:
             if norm not in by_name:
                 raise _unsupported_error(mtype, f" in this form ({name} has no norm {norm} after it)")
-            gain = patterns.norm_offset + read_param(hf, by_name[norm]).detach().to("cpu", torch.float32)
+            gain = patterns.norm_offset + read_param(hf, norm).detach().to("cpu", torch.float32)
         writers.append(Writer(name, p, hit[2], gain))
     if any(has_post) and not any(w.gain is not None for w in writers):
         raise _post_norm_error(mtype)
@@ -356,65 +356,84 @@ def writer_direction(r: Float[Tensor, " d_model"], gain: Tensor | None) -> Float
 # --------------------------------------------------------------------------------------------------
 
 
-def _offload_slot(hf_model, param: Tensor) -> tuple[Mapping, str]:
-    """``(store, key)``: where accelerate keeps the value of the meta parameter ``param``.
+def _locate(hf_model, name: str) -> tuple[dict, list[str], str]:
+    """``(modules by path, owner module path as parts, parameter attribute)`` of HF parameter ``name``.
 
-    accelerate's ``AlignDevicesHook`` on the module owning ``param`` (or on an ancestor) holds a
+    By name, not by identity: accelerate's hooks replace an offloaded module's Parameter object at every
+    forward (real tensor in ``pre_forward``, a new meta one in ``post_forward``).
+    """
+    modules = dict(hf_model.named_modules(remove_duplicate=False))
+    for path, module in modules.items():
+        clean = path.replace("._original_component", "").replace("_original_component.", "")
+        for pname in module._parameters:
+            if (f"{clean}.{pname}" if clean else pname) == name:
+                return modules, path.split(".") if path else [], pname
+    raise ExportError(f"The model has no parameter {name}; reload it with refusal_lens.load_model().")
+
+
+def _live_param(hf_model, name: str) -> Tensor:
+    modules, parts, pname = _locate(hf_model, name)
+    return modules[".".join(parts)]._parameters[pname]
+
+
+def _offload_slot(hf_model, name: str) -> tuple[Mapping, str]:
+    """``(store, key)``: where accelerate keeps the value of the offloaded (meta) parameter ``name``.
+
+    accelerate's ``AlignDevicesHook`` on the module owning the parameter (or on an ancestor) holds a
     ``weights_map`` (``PrefixedDataset`` over a state dict or an ``OffloadedWeightsLoader``); the
     parameter's value is ``weights_map[path relative to the hooked module]``.
     """
     from accelerate.utils.offload import PrefixedDataset
 
-    modules = dict(hf_model.named_modules(remove_duplicate=False))
-    owner = next(((m, n) for m, mod in modules.items() for n, t in mod._parameters.items() if t is param), None)
-    if owner is not None:
-        parts = owner[0].split(".") if owner[0] else []
-        for i in range(len(parts), -1, -1):
-            hook = getattr(modules.get(".".join(parts[:i])), "_hf_hook", None)
-            for h in getattr(hook, "hooks", [hook]):
-                weights_map = getattr(h, "weights_map", None)
-                if weights_map is None:
-                    continue
-                key = ".".join(parts[i:] + [owner[1]])
-                while isinstance(weights_map, PrefixedDataset):
-                    key = weights_map.prefix + key
-                    weights_map = weights_map.dataset
-                return weights_map, key
+    modules, parts, pname = _locate(hf_model, name)
+    for i in range(len(parts), -1, -1):
+        hook = getattr(modules.get(".".join(parts[:i])), "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):
+            weights_map = getattr(h, "weights_map", None)
+            if weights_map is None:
+                continue
+            key = ".".join(parts[i:] + [pname])
+            while isinstance(weights_map, PrefixedDataset):
+                key = weights_map.prefix + key
+                weights_map = weights_map.dataset
+            return weights_map, key
     raise ExportError(
-        "A parameter is on the meta device but no accelerate offload hook holds its value. Load the model "
-        "with refusal_lens.load_model() (or transformers' from_pretrained with a device_map)."
+        f"{name} is on the meta device but no accelerate offload hook holds its value. Load the model with "
+        "refusal_lens.load_model() (or transformers' from_pretrained with a device_map)."
     )
 
 
-def read_param(hf_model, param: Tensor) -> Tensor:
-    """The value of ``param``: itself, or for an accelerate-offloaded (meta) parameter, its stored copy."""
+def read_param(hf_model, name: str) -> Tensor:
+    """The value of HF parameter ``name``: the tensor, or for an accelerate-offloaded one its stored copy."""
+    param = _live_param(hf_model, name)
     if param.device.type != "meta":
         return param.data
-    store, key = _offload_slot(hf_model, param)
+    store, key = _offload_slot(hf_model, name)
     return store[key]
 
 
 @torch.no_grad()
-def write_param_(hf_model, param: Tensor, value: Tensor) -> None:
-    """Set ``param`` to ``value`` in place; an offloaded parameter is updated where accelerate keeps it.
+def write_param_(hf_model, name: str, value: Tensor) -> None:
+    """Set HF parameter ``name`` to ``value`` in place; an offloaded one where accelerate keeps it.
 
     A tensor kept in memory is overwritten in place; one on disk is written with accelerate's
     ``offload_weight`` as ``<key>.dat`` in the loader's ``save_folder`` (the model's offload folder) and
     its index entry replaced -- an entry that pointed into the source ``.safetensors`` file now points
     to that copy, and the source file is never written.
     """
+    param = _live_param(hf_model, name)
     if param.device.type != "meta":
         param.data.copy_(value)
         return
     from accelerate.utils import offload_weight
     from accelerate.utils.offload import OffloadedWeightsLoader
 
-    store, key = _offload_slot(hf_model, param)
+    store, key = _offload_slot(hf_model, name)
     if isinstance(store, OffloadedWeightsLoader) and key not in store.state_dict:
         if store.save_folder is None:
             raise ExportError(
                 f"{key} is offloaded to disk without an offload folder to write the edited copy to. Load "
-                "the model with `offload_folder=...` (refusal-lens: --offload-folder)."
+                "the model with an offload folder (transformers: `offload_folder=...`)."
             )
         offload_weight(value.to(store[key].dtype).cpu(), key, store.save_folder, index=store.index)
         return
@@ -428,12 +447,13 @@ def write_param_(hf_model, param: Tensor, value: Tensor) -> None:
 def edit_writer_(hf_model, writer: Writer, r: Float[Tensor, " d_model"]) -> None:
     """Project ``writer_direction(r, writer.gain)`` out of one writer, wherever its value lives."""
     u = writer_direction(r, writer.gain)
-    if writer.param.device.type != "meta":
-        project_out_(writer.param, u, writer.layout)
+    param = _live_param(hf_model, writer.name)
+    if param.device.type != "meta":
+        project_out_(param, u, writer.layout)
         return
-    value = read_param(hf_model, writer.param).clone()
+    value = read_param(hf_model, writer.name).clone()
     project_out_(value, u, writer.layout)
-    write_param_(hf_model, writer.param, value)
+    write_param_(hf_model, writer.name, value)
 
 
 def unit_vector(direction: Direction | Tensor) -> Float[Tensor, " d_model"]:
@@ -648,7 +668,7 @@ def check_edit(model, direction: Direction | Tensor, prompts, *, keep: bool = Fa
         reference = _logits(model, batch)
     writers = residual_writers(model)
     hf = model.original_model
-    snapshot = None if keep else [read_param(hf, w.param).detach().clone() for w in writers]
+    snapshot = None if keep else [read_param(hf, w.name).detach().clone() for w in writers]
     orthogonalize(model, direction, allow_other_model=True)
     try:
         edited = _logits(model, batch)
@@ -656,7 +676,7 @@ def check_edit(model, direction: Direction | Tensor, prompts, *, keep: bool = Fa
     finally:
         if snapshot is not None:
             for w, saved in zip(writers, snapshot, strict=True):
-                write_param_(hf, w.param, saved)
+                write_param_(hf, w.name, saved)
             object.__setattr__(model, "refusal_lens_orthogonalized", [])
     return EditCheck(
         max_logit_diff=max_logit_diff(reference, edited, batch.attention_mask),

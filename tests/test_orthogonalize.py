@@ -220,3 +220,78 @@ def test_embedded_model_orthogonalization_equals_hook_ablation():
     print(f"embedded model: orthogonalized vs hook ablation max |logit diff| {diff:.3g} "
           f"({time.perf_counter() - t0:.1f} s)")
     assert diff <= 1e-3
+
+
+def _sha(folder) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize(("arch", "route"), [("llama", "dispatch_model"), ("qwen2", "from_pretrained"),
+                                             ("gemma2", "from_pretrained")])
+def test_dispatched_model_is_orthogonalized_like_the_undispatched_one(arch, route, tmp_path):
+    """accelerate offload (layer 0 in a RAM state dict, embedding and layer 1 on disk): same edit, bit for bit."""
+    from refusal_lens.orthogonalize import max_component_along, read_param
+    from tiny import dispatch_tiny
+
+    model, src = dispatch_tiny(arch, tmp_path, route)
+    reference = boot_tiny(arch)
+    d = direction_for(reference)
+    r = unit_vector(d)
+    source_before = _sha(src)
+    offloaded = [w.name for w in residual_writers(model) if w.param.device.type == "meta"]
+    assert len(offloaded) == 1 + 2 * model.cfg.n_layers  # every writer lives off the module
+
+    a, b = check_edit(model, d, PROMPTS, allow_other_model=True), check_edit(reference, d, PROMPTS)
+    assert a.max_along_r <= 1e-5 and b.max_along_r <= 1e-5
+    assert abs(a.max_logit_diff - b.max_logit_diff) <= 1e-4 and abs(a.kl - b.kl) <= 1e-5
+    if arch != "gemma2":
+        assert a.max_logit_diff <= 1e-4
+
+    orthogonalize(model, d, allow_other_model=True)
+    orthogonalize(reference, d)
+    for w in residual_writers(model):
+        assert torch.equal(read_param(model.original_model, w.name),
+                           read_param(reference.original_model, w.name)), w.name
+    assert all(w.param.device.type == "meta" for w in residual_writers(model) if w.name in offloaded)
+    batch = _batch(reference, PROMPTS)
+    assert max_logit_diff(_logits(model, batch), _logits(reference, batch), batch.attention_mask) <= 1e-4
+    assert max_component_along(model, batch, r) <= 1e-5
+    assert _sha(src) == source_before  # the source checkpoint is never written
+    if route == "from_pretrained":  # edited disk tensors now live in the offload folder
+        dats = {p.name for p in (tmp_path / "offload").glob("*.dat")}
+        assert {"model.embed_tokens.weight.dat", "model.layers.1.mlp.down_proj.weight.dat"} <= dats
+
+
+@pytest.mark.parametrize("arch", ("llama", "gemma2"))
+def test_bf16_model_is_edited_in_bf16_with_fp32_math(arch, tmp_path):
+    """A bf16 model's writers stay bf16: each equals the fp32 projection of its bf16 weights, rounded once."""
+    from refusal_lens.models import load_model
+    from refusal_lens.orthogonalize import writer_direction
+    from tiny import save_tiny
+
+    src = save_tiny(arch, tmp_path / "src")
+    model = load_model(src, dtype=torch.bfloat16)
+    d = direction_for(model)
+    r = unit_vector(d)
+    before = {w.name: w.param.detach().clone() for w in residual_writers(model)}
+    check = check_edit(model, d, PROMPTS, keep=True)
+    print(f"{arch} bf16: hook ablation vs orthogonalized max |logit diff| {check.max_logit_diff:.3g}, "
+          f"KL {check.kl:.3g}, max |x.r|/|x| {check.max_along_r:.3g}")
+    assert check.max_along_r <= 5e-3 and check.kl <= 5e-3
+    for w in residual_writers(model):
+        assert w.param.dtype == torch.bfloat16
+        old = before[w.name].float()
+        u = writer_direction(r, w.gain)
+        exact = old - torch.outer(old @ u, u) if w.layout == ROWS else old - torch.outer(u, u @ old)
+        # one rounding of the fp32 result to bf16 (half an ulp, 2**-9 relative; 2**-8 allows ties), plus
+        # fp32 rounding of the projection (1e-6 of the matrix's scale) where the result nearly cancels
+        err = (w.param.float() - exact).abs() - exact.abs() * 2**-8
+        assert err.max() <= 1e-6 * old.abs().max(), (w.name, float(err.max()))
+
+    fp32 = load_model(src)
+    orthogonalize(fp32, d, allow_other_model=True)
+    for w, w32 in zip(residual_writers(model), residual_writers(fp32), strict=True):
+        rel = (w.param.float() - w32.param).abs().max() / w32.param.abs().max()
+        assert rel <= 2 ** -7, w.name  # bf16 rounding of the weights, nothing more

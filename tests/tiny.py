@@ -318,3 +318,40 @@ def boot_tiny(arch: str, seed: int = 0, hf_model: transformers.PreTrainedModel |
     model = hf_model if hf_model is not None else make_hf_model(arch, seed=seed)
     name = f"tiny-random-{arch}"
     return TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=make_tokenizer(), device="cpu")
+
+
+def dispatch_tiny(arch: str, folder: str | os.PathLike, route: str = "from_pretrained"):
+    """``(bridge, source folder)``: a tiny model split by accelerate into in-memory and offloaded parts.
+
+    Layer 0 is offloaded to CPU RAM (``accelerate.cpu_offload``: its parameters are ``meta`` and their
+    values live in a state dict); the embedding and layer 1 go to "disk":
+
+    * ``route="from_pretrained"``: ``AutoModelForCausalLM.from_pretrained(src, device_map=...,
+      offload_folder=...)``; transformers points the disk entries at the source ``.safetensors`` file.
+    * ``route="dispatch_model"``: ``accelerate.dispatch_model(model, device_map, offload_dir=...)`` on an
+      in-memory model; accelerate writes the disk entries as ``.dat`` files into the offload folder.
+
+    The final norm stays in memory, the unembedding goes to disk (on this CPU machine a "cpu" entry is not offloaded:
+    accelerate offloads "cpu" entries only when a GPU is the main device).
+    """
+    import accelerate
+
+    from refusal_lens.models import boot_bridge
+
+    folder = Path(folder)
+    src = folder / "src"
+    if not src.exists():
+        save_tiny(arch, src)
+    device_map = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+    offload = folder / "offload"
+    if route == "from_pretrained":
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            src, device_map=device_map, offload_folder=offload, attn_implementation="eager"
+        )
+    elif route == "dispatch_model":
+        hf = accelerate.dispatch_model(make_hf_model(arch), device_map, offload_dir=offload)
+    else:
+        raise ValueError(f"unknown route {route!r}")
+    accelerate.cpu_offload(hf.model.layers[0], execution_device=torch.device("cpu"))
+    return boot_bridge(hf, make_tokenizer(), str(src)), src
