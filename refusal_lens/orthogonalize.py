@@ -323,7 +323,11 @@ def project_rows(rows: Tensor, r: Float[Tensor, " d_model"]) -> Iterator[tuple[i
     n, d = rows.shape
     step = max(1, BLOCK_ELEMENTS // max(d, 1))
     for start in range(0, n, step):
-        block = rows[start : start + step].to(torch.float32)
+        # Always a fresh contiguous fp32 copy: BLAS results depend on the operands' memory alignment and
+        # layout (measured: 1 ulp between an fp32 parameter edited in place and the same tensor read from
+        # a file), so every caller must hand the matmul the same kind of buffer to get the same bits.
+        view = rows[start : start + step]
+        block = torch.empty(view.shape, dtype=torch.float32, device=view.device).copy_(view)
         edited = torch.addr(block, block @ r, r, alpha=-1.0)
         yield start, edited.to(rows.dtype)
 
