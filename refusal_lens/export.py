@@ -43,6 +43,7 @@ from refusal_lens.orthogonalize import (
     check_edit,
     is_orthogonalized,
     max_logit_diff,
+    mean_kl,
     model_type_of,
     project_rows,
     read_param,
@@ -350,11 +351,19 @@ def _reload_logits(folder: Path, batch, dtype, device_map=None) -> torch.Tensor:
     return logits
 
 
-#: Default verification tolerances by weight dtype: (max |logit diff|, max relative residual component
-#: along r). bf16/fp16 round every weight and activation to 8/11 bits: measured on the tiny fixtures and
-#: the embedded model (README, "Any model, any device").
-TOLERANCES = {torch.float32: (1e-3, 1e-4), torch.float64: (1e-3, 1e-4),
-              torch.bfloat16: (0.5, 2e-2), torch.float16: (0.1, 5e-3)}
+#: Default checks of :func:`export` by weight dtype: (max |logit diff|, mean KL in nats, max relative
+#: residual component along r); ``None``: not checked. In fp32 the orthogonalized weights and hook ablation
+#: agree to rounding (measured 3.9e-5 in the logits on the embedded model). In bf16 every weight and
+#: activation is rounded to 8 bits, differently on the two sides, so max |logit diff| is noise (measured
+#: 1.89 on the embedded model in bf16, 0.34 on tiny llama) and the checks are on the distributions
+#: instead: mean KL measured 0.0138 (embedded, bf16) and 5e-4 (tiny), residual component 8.5e-4 and 1.3e-3.
+#: fp16 keeps 3 more mantissa bits than bf16 and gets bf16's bounds (not measured separately).
+TOLERANCES: dict[torch.dtype, tuple[float | None, float | None, float]] = {
+    torch.float32: (1e-3, None, 1e-4),
+    torch.float64: (1e-3, None, 1e-4),
+    torch.bfloat16: (None, 0.05, 1e-2),
+    torch.float16: (None, 0.05, 1e-2),
+}
 
 
 def export(
@@ -396,7 +405,8 @@ def export(
             test prompts).
         tolerance: max allowed |logit diff| of the reload check and, for families where the edit equals
             hook ablation, of the hook-ablation check (default by dtype, :data:`TOLERANCES`: 1e-3 for
-            fp32). Gemma2/3 and OLMo2 are checked on the residual component along ``r`` instead.
+            fp32; bf16 / fp16 are checked on the mean KL instead). Every family is also checked on the
+            residual component along ``r``; for Gemma2/3 and OLMo2 that is the check of the edit.
         allow_other_model: accept a direction recorded for another model id (the width is still checked).
         max_shard_size: passed to ``save_pretrained``.
 
@@ -423,7 +433,7 @@ def export(
     writers = residual_writers(model)  # unsupported architectures fail before any work
     exact = all(w.gain is None for w in writers)
     hf_dtype = model.original_model.dtype
-    default_tol, along_tol = TOLERANCES.get(hf_dtype, TOLERANCES[torch.float32])
+    default_tol, kl_tol, along_tol = TOLERANCES.get(hf_dtype, TOLERANCES[torch.float32])
     tolerance = default_tol if tolerance is None else tolerance
     prompts = list(verify_prompts) if verify_prompts is not None else _default_verify_prompts()
     batch = _batch(model, prompts)
@@ -438,10 +448,15 @@ def export(
         check = check_edit(model, direction, batch, keep=True, allow_other_model=True)
         logger.info("orthogonalized weights vs hook ablation: max |logit diff| %.3g, KL %.3g, max |x.r|/|x| %.3g",
                     check.max_logit_diff, check.kl, check.max_along_r)
-        if exact and not check.max_logit_diff <= tolerance:
+        if exact and tolerance is not None and not check.max_logit_diff <= tolerance:
             raise ExportError(
                 f"The orthogonalized model differs from hook ablation by {check.max_logit_diff:.3g} in the "
                 f"logits (tolerance {tolerance}); nothing was written. The model is left edited in memory."
+            )
+        if exact and kl_tol is not None and not check.kl <= kl_tol:
+            raise ExportError(
+                f"The orthogonalized model differs from hook ablation by a mean KL of {check.kl:.3g} nats "
+                f"(tolerance {kl_tol} in {hf_dtype}); nothing was written. The model is left edited in memory."
             )
         if not check.max_along_r <= along_tol:
             raise ExportError(
@@ -463,12 +478,15 @@ def export(
             del hf
         model.tokenizer.save_pretrained(tmp)
         device_map = getattr(model.original_model, "hf_device_map", None) if offloaded else None
-        diff = max_logit_diff(_reload_logits(tmp, batch, hf_dtype, device_map), in_memory, batch.attention_mask)
-        logger.info("reloaded export vs in-memory model: max |logit diff| %.3g", diff)
-        if not diff <= tolerance:
+        reloaded = _reload_logits(tmp, batch, hf_dtype, device_map)
+        diff = max_logit_diff(reloaded, in_memory, batch.attention_mask)
+        reload_kl = mean_kl(in_memory, reloaded, batch.attention_mask)
+        logger.info("reloaded export vs in-memory model: max |logit diff| %.3g, KL %.3g", diff, reload_kl)
+        if (tolerance is not None and not diff <= tolerance) or (kl_tol is not None and not reload_kl <= kl_tol):
             raise ExportError(
                 f"The exported folder, reloaded with transformers, differs from the in-memory model by "
-                f"{diff:.3g} in the logits (tolerance {tolerance}); nothing was written to {out}."
+                f"{diff:.3g} in the logits, mean KL {reload_kl:.3g} (tolerances {tolerance}, {kl_tol}); nothing "
+                f"was written to {out}."
             )
         hook_diff = None if check is None else check.max_logit_diff
         kl = None if check is None else check.kl

@@ -9,7 +9,7 @@ replaced by its projection onto the complement of the unit direction ``r``::
     b     <- b - (b . r) r
 
 The residual stream is then a sum of vectors orthogonal to ``r``, which is what
-:func:`refusal_lens.interventions.ablate` enforces with hooks at every ``resid_pre / resid_mid /
+:meth:`Direction.ablate <refusal_lens.directions.Direction.ablate>` enforces with hooks at every ``resid_pre / resid_mid /
 resid_post``. The two agree to float rounding (:func:`check_equivalence`), provided that the
 unembedding is not the (edited) embedding: tied embeddings are untied first (otherwise the edit also
 projects ``r`` out of the unembedding and logits move by O(1); measured 1.55 on SmolLM2).
@@ -190,7 +190,7 @@ def _post_norm_error(model_type: str) -> ExportError:
         f"Cannot orthogonalize a {model_type!r} model: it applies a norm AFTER the attention and MLP "
         "output projections (like Gemma2's post_feedforward_layernorm) whose form refusal-lens does not "
         "know for this family, so the edit cannot be adapted to it. Use hook ablation "
-        "(`refusal_lens.interventions.ablate`) for this model; weight export is not supported for it."
+        "(`direction.ablate(model)`) for this model; weight export is not supported for it."
     )
 
 
@@ -198,7 +198,7 @@ def _unsupported_error(model_type: str, detail: str = "") -> ExportError:
     supported = ", ".join(sorted(WRITER_PATTERNS))
     return ExportError(
         f"Weight orthogonalization does not support architecture {model_type!r}{detail}. Supported "
-        f"model types: {supported}. Hook ablation (`refusal_lens.interventions.ablate`) works for any "
+        f"model types: {supported}. Hook ablation (`direction.ablate(model)`) works for any "
         "model TransformerLens can load."
     )
 
@@ -658,7 +658,7 @@ def check_edit(model, direction: Direction | Tensor, prompts, *, keep: bool = Fa
     Raises:
         ExportError: when the model is already orthogonalized (the comparison would be vacuous).
     """
-    from refusal_lens.interventions import ablate
+    from refusal_lens.interventions import Ablation
 
     check_direction(model, direction, allow_other_model=allow_other_model)
     if is_orthogonalized(model):
@@ -668,7 +668,7 @@ def check_edit(model, direction: Direction | Tensor, prompts, *, keep: bool = Fa
         )
     batch = _batch(model, prompts)
     r = unit_vector(direction)
-    with ablate(model, r):
+    with Ablation(model, r):
         reference = _logits(model, batch)
     writers = residual_writers(model)
     hf = model.original_model

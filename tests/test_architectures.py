@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from refusal_lens.directions import candidate_directions
 from refusal_lens.export import ExportReport, export
-from refusal_lens.interventions import ablate
+from refusal_lens.interventions import generate
 from refusal_lens.models import load_model
 from refusal_lens.orthogonalize import (
     _batch,
@@ -54,10 +54,12 @@ def test_extract_ablate_orthogonalize_export_reload(arch, tmp_path):
     # ablate (hooks): the residual stream holds no r, and the logits move
     batch = _batch(model, PROMPTS)
     base = _logits(model, batch)
-    with ablate(model, d):
+    with d.ablate(model):
         assert max_component_along(model, batch, r) <= 1e-5
         hooked = _logits(model, batch)
     assert max_logit_diff(base, hooked, batch.attention_mask) > 1e-3
+    completions = generate(model, PROMPTS[:2], interventions=[d.ablate(model)], max_new_tokens=4, progress=False)
+    assert len(completions) == 2 and all(isinstance(c, str) for c in completions)
 
     # orthogonalize + export (verified against hook ablation and by reload inside export)
     out = tmp_path / "out"

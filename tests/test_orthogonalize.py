@@ -9,7 +9,6 @@ import torch
 
 from refusal_lens.directions import Direction
 from refusal_lens.errors import DirectionError, ExportError
-from refusal_lens.interventions import ablate
 from refusal_lens.models import model_id
 from refusal_lens.orthogonalize import (
     _LLAMA,
@@ -65,7 +64,7 @@ def test_orthogonalize_edits_in_place(arch):
     tied = model.unembed.weight is model.embed.weight
     embed_before = model.embed.weight.detach().clone()
     batch = _batch(model, PROMPTS)
-    with ablate(model, d):
+    with d.ablate(model):
         reference = _logits(model, batch)
 
     writers = orthogonalize(model, d)
@@ -110,7 +109,7 @@ def test_without_untying_the_edit_leaks_into_the_unembedding(arch):
     assert model.unembed.weight is model.embed.weight
     d = direction_for(model)
     batch = _batch(model, PROMPTS)
-    with ablate(model, d):
+    with d.ablate(model):
         reference = _logits(model, batch)
     for w in residual_writers(model):  # the edit without orthogonalize()'s untying step
         project_out_(w.param, unit_vector(d), w.layout)
