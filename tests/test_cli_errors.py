@@ -205,6 +205,8 @@ def test_harmful_train_prompt_in_harmless_test_split_is_refused_before_loading(t
     (["suffix", "-d", "x", "--objective", "target", "--target", " "], "--target"),
     (["suffix", "-d", "x", "--max-minutes", "0"], "--max-minutes"),
     (["suffix", "-d", "x", "--max-minutes", "inf"], "--max-minutes"),
+    (["suffix", "-d", "x", "--search-width", "0"], "--search-width"),
+    (["suffix", "-d", "x", "--search-width", "5000"], "--search-width"),
     (["suffix", "-d", "x", "--seed", "-1"], "--seed"),
     (["suffix", "-d", "x", "--seed", str(2**70)], "--seed"),
     (["hijack", "-d", "x", "--top-k", "0"], "--top-k"),
