@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 
@@ -118,9 +119,13 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
     check_writable(out.parent)
 
 
-def _check_model_limits(m, *, prompts: list[str] = (), max_new_tokens: int = 0, extra_tokens: int = 0,
-                        refusal_ids: list[int] | None = None, top_heads: int | None = None) -> None:
-    """Checks that need the loaded model (vocabulary, context, heads), made before any long work."""
+def _check_model_limits(m, *, prompts: Sequence[str] = (), max_new_tokens: int = 0, extra_tokens: int = 0,
+                        refusal_ids: list[int] | None = None, top_heads: int | None = None,
+                        max_layer_frac: float | None = None) -> None:
+    """Checks that need the loaded model (vocabulary, context, heads, depth), made before any long work."""
+    if max_layer_frac is not None and int(max_layer_frac * int(m.cfg.n_layers)) < 1:
+        raise typer.BadParameter(f"{max_layer_frac} x {m.cfg.n_layers} layers leaves no layer to select from; "
+                                 f"use at least {1 / int(m.cfg.n_layers):.3g}.", param_hint="'--max-layer-frac'")
     if refusal_ids:
         vocab = int(m.cfg.d_vocab)
         bad = [i for i in refusal_ids if i >= vocab]
@@ -205,7 +210,7 @@ def run(
     splits = load_splits(cfg, truncate=False)  # data files: read, validated and checked for overlaps first
     m = _load(model, trust_remote_code)
     _check_model_limits(m, prompts=[x for s in (splits.harmful, splits.harmless) for v in s.values() for x in v],
-                        max_new_tokens=max_new_tokens, refusal_ids=ids)
+                        max_new_tokens=max_new_tokens, refusal_ids=ids, max_layer_frac=max_layer_frac)
     res = run_pipeline(m, out, cfg, overwrite=overwrite, export_dir=export)
     c = res.evaluation["conditions"]
     console.print(

@@ -379,6 +379,11 @@ def test_refusal_id_beyond_vocabulary_is_refused_before_work(tiny, tmp_path, cap
     assert not (tmp_path / "r").exists()
 
 
+def test_layer_fraction_leaving_no_layer_is_refused_before_work(tiny, tmp_path, capsys):
+    fails(capsys, ["run", "-m", tiny, "--max-layer-frac", "0.2", "--out", str(tmp_path / "r"), *_sets(tmp_path)],
+          2, "--max-layer-frac", "no layer", loads=True)
+
+
 def test_long_instructions(tiny, tiny_direction, tmp_path, capsys):
     # beyond the documented character limit: refused before the model loads
     huge = HARMFUL[:7] + ["x " * 50_000]
