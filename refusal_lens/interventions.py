@@ -34,7 +34,7 @@ from transformer_lens.utilities import get_act_name
 
 from refusal_lens.errors import RefusalLensError
 from refusal_lens.models import patch_kv_cache
-from refusal_lens.prompts import ChatFormat, batches
+from refusal_lens.prompts import ChatFormat, batches, chat_format
 
 Hook = tuple[str, Callable]
 
@@ -191,7 +191,7 @@ def generate(
         One completion string per instruction (special tokens removed).
     """
     patch_kv_cache()  # a bridge booted by hand has not been through load_model
-    fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
+    fmt = fmt or chat_format(model)
     tok = model.tokenizer
     out: list[str] = []
     bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
