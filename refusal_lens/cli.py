@@ -119,6 +119,26 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
     check_writable(out.parent)
 
 
+def _keep_inputs(outputs: Sequence[Path], inputs: Sequence[tuple[str, str | Path | None]]) -> None:
+    """Refuse an output that is, or holds, one of the command's inputs (``--overwrite`` would destroy it).
+
+    ``inputs`` pairs the option that names an input (e.g. ``"--direction"``) with the path; a ``.safetensors``
+    input counts with its ``.json`` partner.
+    """
+    from refusal_lens.io import PAIR_SUFFIXES, pair_paths
+
+    for out in outputs:
+        o = out.resolve()
+        for opt, p in inputs:
+            if p is None:
+                continue
+            paths = pair_paths(p) if Path(p).suffix in PAIR_SUFFIXES else (Path(p),)
+            for q in (x.resolve() for x in paths if x.exists()):
+                if q == o or o in q.parents:
+                    raise typer.BadParameter(f"{p} is an input of this command and lies at or inside the output "
+                                             f"{out}; choose another output path.", param_hint=f"'{opt}'")
+
+
 def _check_model_limits(m, *, prompts: Sequence[str] = (), max_new_tokens: int = 0, extra_tokens: int = 0,
                         refusal_ids: list[int] | None = None, top_heads: int | None = None,
                         max_layer_frac: float | None = None) -> None:
@@ -199,6 +219,8 @@ def run(
     from refusal_lens.pipeline import load_splits, run_pipeline
 
     ids = _token_ids(refusal_ids) if refusal_ids is not None else None
+    _keep_inputs([out] + ([export] if export is not None else []),
+                 [("--model", model), ("--harmful", harmful), ("--harmless", harmless)])
     _check_out_dir(out, overwrite)
     if export is not None:
         _check_out_dir(export, overwrite)
@@ -263,9 +285,10 @@ def select(
     from refusal_lens.models import model_id
     from refusal_lens.selection import select_direction
 
-    st, _ = _check_pair_out(out, overwrite)
+    st, js = _check_pair_out(out, overwrite)
     sel_path = st.with_name(st.name.removesuffix(".safetensors") + "_selection.json")
     _check_pair_out(out, overwrite, sel_path)
+    _keep_inputs([st, js, sel_path], [("--model", model), ("CANDIDATES", candidates)])
     cands = Candidates.load(candidates)
     m = _load(model)
     if cands.model_id != model_id(m) or cands.diffs.shape[-1] != m.cfg.d_model:
@@ -335,6 +358,7 @@ def export_cmd(
     """Orthogonalize the weights against a direction and write a Hugging Face folder, verified by reload."""
     from refusal_lens.directions import Direction
 
+    _keep_inputs([out], [("--direction", direction), ("--model", model)])
     _check_out_dir(out, overwrite)
     d = Direction.load(direction)
     evaluation = _read_evaluation(direction.parent / "evaluation.json")
@@ -343,6 +367,7 @@ def export_cmd(
         from refusal_lens.models import embedded_model_folder
 
         src = Path(model) if model else embedded_model_folder()
+        _keep_inputs([out], [("--model", src)])
         if not src.is_dir():
             raise typer.BadParameter(f"{src} is not a folder; --streaming edits a safetensors HF folder.",
                                      param_hint="'--model'")
@@ -384,6 +409,7 @@ def suffix(
     if objective is Objective.target and not target.strip():
         raise typer.BadParameter("the target reply prefix is empty; give one, e.g. 'Sure, here is'.",
                                  param_hint="'--target'")
+    _keep_inputs([out], [("--direction", direction), ("--model", model)])
     check_output_file(out, overwrite)
     check_writable(out.parent)
     d = Direction.load(direction)
@@ -421,6 +447,7 @@ def hijack(
     from refusal_lens.io import atomic_dir
     from refusal_lens.suffix import SuffixResult, search_suffix
 
+    _keep_inputs([out], [("--direction", direction), ("--suffix", suffix_file), ("--model", model)])
     _check_out_dir(out, overwrite)
     d = Direction.load(direction)
     adv = SuffixResult.load(suffix_file) if suffix_file is not None else None

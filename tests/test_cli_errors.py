@@ -123,6 +123,19 @@ def test_out_with_a_dot_keeps_its_name(tiny, tmp_path, capsys):
     assert c.diffs.shape[0] == 2
 
 
+def test_overwrite_never_destroys_an_input(tiny, tiny_direction, tmp_path, capsys):
+    run = Path(tiny_direction).parent
+    before = sorted(p.name for p in run.iterdir())
+    fails(capsys, ["hijack", "-d", tiny_direction, "-m", tiny, "--out", str(run), "--overwrite"], 2, "'--direction'",
+          "input")
+    fails(capsys, ["export", "-d", tiny_direction, "-m", tiny, "--out", tiny, "--overwrite"], 2, "'--model'")
+    fails(capsys, ["suffix", "-d", tiny_direction, "-m", tiny, "--overwrite",
+                   "--out", str(run / "direction.json")], 2, "'--direction'")
+    fails(capsys, ["run", "-m", tiny, "--out", str(Path(tiny).parent), "--overwrite"], 2, "'--model'")
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert (Path(tiny) / "config.json").is_file()
+
+
 # 2. Ctrl-C ----------------------------------------------------------------------------------------------------
 
 
