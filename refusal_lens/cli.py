@@ -112,11 +112,19 @@ def _check_pair_out(out: Path, overwrite: bool, *extra: Path) -> tuple[Path, Pat
     return pair
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
+RUN_FOLDER_BYTES = 32 << 20  # report.html inlines plotly.js (~5 MB); candidates and completions a few MB more
+
+
+def _check_out_dir(out: Path, overwrite: bool, need_bytes: int = 1 << 20) -> None:
     from refusal_lens.io import check_output_dir, check_writable
 
     check_output_dir(out, overwrite)
-    check_writable(out.parent)
+    check_writable(out.parent, need_bytes=need_bytes)
+
+
+def _weight_bytes(m) -> int:
+    """Bytes an exported copy of the loaded model's weights needs on disk (about)."""
+    return sum(p.numel() * p.element_size() for p in m.original_model.parameters()) + (16 << 20)
 
 
 def _keep_inputs(outputs: Sequence[Path], inputs: Sequence[tuple[str, str | Path | None]]) -> None:
@@ -221,7 +229,7 @@ def run(
     ids = _token_ids(refusal_ids) if refusal_ids is not None else None
     _keep_inputs([out] + ([export] if export is not None else []),
                  [("--model", model), ("--harmful", harmful), ("--harmless", harmless)])
-    _check_out_dir(out, overwrite)
+    _check_out_dir(out, overwrite, RUN_FOLDER_BYTES)
     if export is not None:
         _check_out_dir(export, overwrite)
         if export.absolute() == out.absolute():
@@ -233,6 +241,10 @@ def run(
     m = _load(model, trust_remote_code)
     _check_model_limits(m, prompts=[x for s in (splits.harmful, splits.harmless) for v in s.values() for x in v],
                         max_new_tokens=max_new_tokens, refusal_ids=ids, max_layer_frac=max_layer_frac)
+    if export is not None:
+        from refusal_lens.io import check_writable
+
+        check_writable(export.parent, need_bytes=_weight_bytes(m))
     res = run_pipeline(m, out, cfg, overwrite=overwrite, export_dir=export)
     c = res.evaluation["conditions"]
     console.print(
@@ -357,6 +369,7 @@ def export_cmd(
 ) -> None:
     """Orthogonalize the weights against a direction and write a Hugging Face folder, verified by reload."""
     from refusal_lens.directions import Direction
+    from refusal_lens.io import check_writable
 
     _keep_inputs([out], [("--direction", direction), ("--model", model)])
     _check_out_dir(out, overwrite)
@@ -371,12 +384,14 @@ def export_cmd(
         if not src.is_dir():
             raise typer.BadParameter(f"{src} is not a folder; --streaming edits a safetensors HF folder.",
                                      param_hint="'--model'")
+        check_writable(out.parent, need_bytes=sum(p.stat().st_size for p in src.glob("*.safetensors")) + (16 << 20))
         report = export_streaming(src, d, out, overwrite=overwrite, evaluation=evaluation,
                                   allow_other_model=allow_other_model)
     else:
         from refusal_lens.export import export
 
         m = _load(model)
+        check_writable(out.parent, need_bytes=_weight_bytes(m))
         report = export(m, d, out, overwrite=overwrite, evaluation=evaluation, allow_other_model=allow_other_model)
     checks = (f"reload vs in-memory max |logit diff| {report.max_logit_diff:.2e}, hook ablation vs weights "
               f"{report.hook_ablation_diff:.2e}" if report.max_logit_diff is not None and report.hook_ablation_diff

@@ -374,6 +374,19 @@ def test_full_disk_detected_before_loading(monkeypatch, tmp_path, capsys):
     fails(capsys, ["extract", "-m", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "c")], 2, "MB free")
 
 
+def test_export_checks_room_for_the_weights_before_editing(monkeypatch, tiny, tiny_direction, tmp_path, capsys):
+    import shutil
+
+    import refusal_lens.io as rio
+
+    monkeypatch.setattr(rio.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 5 * 10**6))
+    fails(capsys, ["export", "-d", tiny_direction, "-m", tiny, "--out", str(tmp_path / "e")], 2, "MB free",
+          loads=True)
+    fails(capsys, ["export", "-d", tiny_direction, "-m", tiny, "--streaming", "--out", str(tmp_path / "e")], 2,
+          "MB free")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_disk_full_while_writing_leaves_nothing(monkeypatch, tiny, tmp_path, capsys):
     import refusal_lens.directions as rd
 
