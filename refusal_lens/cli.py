@@ -8,7 +8,9 @@ vocabulary, prompts beyond its context) is checked right after it loads, before 
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import sys
 from collections.abc import Sequence
 from enum import Enum
@@ -541,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
                debug)
         return 1
     except OSError as e:
+        if e.errno == errno.EPIPE:  # `refusal-lens evaluate ... | head`: the reader left; nothing to report
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (so the interpreter's final flush stays quiet)
+            return 1
         where = f" ({e.filename})" if e.filename else ""
         _error(f"{e.strerror or e}{where}; check the path, its permissions and the free disk space.", debug)
         return 1

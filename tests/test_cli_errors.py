@@ -249,6 +249,20 @@ def test_unexpected_error_is_one_line_exit_1_and_debug_shows_traceback(monkeypat
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_a_closed_pipe_is_quiet(monkeypatch, tmp_path, capsys):
+    import errno
+
+    import refusal_lens.cli as cli
+
+    def closed(*a, **k):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_load", closed)
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # main() swaps stdout for /dev/null; restore it afterwards
+    assert main(["extract", "--out", str(tmp_path / "c")]) == 1
+    assert "error" not in capsys.readouterr().err
+
+
 # 6. files that are truncated, empty, incomplete or of the wrong kind ----------------------------------------------
 
 
