@@ -390,9 +390,14 @@ def export_cmd(
         report = export_streaming(src, d, out, overwrite=overwrite, evaluation=evaluation,
                                   allow_other_model=allow_other_model)
     else:
+        from refusal_lens.errors import DirectionError
         from refusal_lens.export import export
+        from refusal_lens.models import model_id
 
         m = _load(model)
+        if not allow_other_model and d.d_model == int(m.cfg.d_model) and d.model_id != model_id(m):
+            raise DirectionError(f"Direction was extracted from {d.model_id!r}, not from {model_id(m)!r}. Pass the "
+                                 "model it was extracted from (--model), or --allow-other-model to transfer it.")
         check_writable(out.parent, need_bytes=_weight_bytes(m))
         report = export(m, d, out, overwrite=overwrite, evaluation=evaluation, allow_other_model=allow_other_model)
     checks = (f"reload vs in-memory max |logit diff| {report.max_logit_diff:.2e}, hook ablation vs weights "

@@ -459,6 +459,12 @@ def test_other_models_direction_names_only_real_options(tiny, tmp_path, capsys):
     assert "--allow-other-model" not in line and "--model" in line
 
 
+def test_export_of_another_models_direction_names_allow_other_model(tiny, tmp_path, capsys):
+    fails(capsys, ["export", "-d", str(_direction(tmp_path)), "-m", tiny, "--out", str(tmp_path / "e")], 2,
+          "--allow-other-model", loads=True)
+    assert not (tmp_path / "e").exists()
+
+
 def test_hijack_more_heads_than_the_model_has(tiny, tiny_direction, tmp_path, capsys):
     # the suffix file is checked first: a missing one fails before the model loads
     fails(capsys, ["hijack", "-d", tiny_direction, "-m", tiny, "--suffix", str(tmp_path / "none.json"),
