@@ -201,6 +201,7 @@ class NormPreserving(EditMethod):
             project_rows,
             residual_writers,
             untie_embeddings_,
+            writer_direction,
             writer_patterns,
         )
 
@@ -212,7 +213,7 @@ class NormPreserving(EditMethod):
         patterns = writer_patterns(model_type_of(model.original_model.config))
         for w in writers:
             _, layer, layout = patterns.match(w.name)
-            r = self.vectors[layer or 0]
+            r = writer_direction(self.vectors[layer or 0], w.gain)  # post-norm families (Gemma2/3): r scaled by the gain
             data = w.param.data
             rows = data.view(1, -1) if data.ndim == 1 else (data.T if layout == OUT_IN else data)
             for start, block in project_rows(rows, r):
