@@ -51,6 +51,7 @@ from refusal_lens.directions import Candidates, Direction
 from refusal_lens.errors import DataError, DirectionError
 from refusal_lens.evaluate import kl_last, last_logits, last_position_logits, refusal_metric_from_logits
 from refusal_lens.interventions import Ablation, Addition, Intervention
+from refusal_lens.jsonio import json_safe
 
 FALLBACKS = (
     "paper: induce > 0, KL < max_kl, layer < max_layer_frac * L; lowest bypass",
@@ -134,7 +135,7 @@ class Selection:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text(json.dumps(_nan_to_none(self.to_dict()), indent=1))
+        path.write_text(json.dumps(json_safe(self.to_dict()), indent=1))
         return path
 
     @classmethod
@@ -146,41 +147,11 @@ class Selection:
         return cls(**d)
 
     def plot(self):
-        """Plotly heatmaps of bypass / induce / KL over layer x position, the pick marked with a star."""
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
+        """Heatmaps of bypass / induce / KL over layer x position, the pick starred
+        (:func:`refusal_lens.plots.selection_heatmaps`)."""
+        from refusal_lens.plots import selection_heatmaps
 
-        metrics = [("bypass", "bypass (lower = refusal removed)"), ("induce", "induce (> 0 = refusal added)"),
-                   ("kl", "KL on harmless"), ("screen_bypass", "screening bypass"),
-                   ("screen_kl", "screening KL")]
-        metrics = [m for m in metrics if not torch.isnan(self.grid(m[0])).all()]
-        fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[t for _, t in metrics], shared_yaxes=True)
-        x = [str(p) for p in self.positions]
-        for c, (m, _title) in enumerate(metrics, start=1):
-            z = self.grid(m).tolist()
-            z = [[None if math.isnan(v) else v for v in row] for row in z]
-            fig.add_trace(go.Heatmap(z=z, x=x, y=list(range(self.n_layers)), colorscale="RdBu_r" if m != "kl" else "Viridis",
-                                     colorbar={"x": c / len(metrics) - 0.02, "len": 0.8}, name=m,
-                                     hovertemplate="layer %{y}, pos %{x}<br>" + m + " %{z:.3f}<extra></extra>"), 1, c)
-            fig.add_trace(go.Scatter(x=[str(self.position)], y=[self.layer], mode="markers",
-                                     marker={"symbol": "star", "size": 16, "color": "gold",
-                                             "line": {"color": "black", "width": 1}},
-                                     name="selected", showlegend=c == 1), 1, c)
-            fig.update_xaxes(title_text="post-instruction position", row=1, col=c)
-        fig.update_yaxes(title_text="layer", row=1, col=1)
-        fig.update_layout(title=f"Direction selection: layer {self.layer}, position {self.position} ({self.rule_text})",
-                          height=480)
-        return fig
-
-
-def _nan_to_none(obj):
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_nan_to_none(v) for v in obj]
-    return obj
+        return selection_heatmaps(self)
 
 
 def _metric(model, prompts, refusal_ids, intervention: Intervention, batch_size) -> float:

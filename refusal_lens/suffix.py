@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from refusal_lens.attribution import resid_hook_name
 from refusal_lens.directions import Direction
 from refusal_lens.errors import DataError, DirectionError, RefusalLensError
 from refusal_lens.prompts import ChatFormat
@@ -319,16 +320,13 @@ def _forward_objective(model, prompt: _Prompt, cands: Tensor, spec: _Spec, use_c
 
         return hook
 
+    # plain hooks, not run_with_cache: the cache detaches its activations, and the token gradient of the
+    # search flows through them (the last layer is the stop_at_layer output itself)
     hooks = []
     for layer in spec.layers:
         if layer == deepest and layer < spec.n_layers:
             continue
-        name = (
-            f"blocks.{layer}.hook_resid_pre"
-            if layer < spec.n_layers
-            else f"blocks.{spec.n_layers - 1}.hook_resid_post"
-        )
-        hooks.append((name, grab(layer)))
+        hooks.append((resid_hook_name(spec.n_layers, layer), grab(layer)))
     stop = deepest if deepest < spec.n_layers else None
     with model.hooks(fwd_hooks=hooks):
         out = model(ids, stop_at_layer=stop, **kwargs)
