@@ -251,8 +251,9 @@ def write_hijack_report(report: HijackReport, path: str | Path) -> Path:
         caption="Cosine (unitless) and projection (residual-stream units) of the last-token residual on the "
                 "unit direction, mean over prompts."
                 + ("" if "cosine_drop_adversarial_vs_random" not in s else
-                   f" The adversarial suffix lowers the cosine by "
-                   f"{fmt(s['cosine_drop_adversarial_vs_random'], 3)} relative to the random suffix.")),
+                   " Cosine at the direction's layer, random minus adversarial suffix: "
+                   f"{fmt(s['cosine_drop_adversarial_vs_random'], 3)} (positive: the adversarial suffix "
+                   "suppresses the direction more).")),
         rep.plot_cosine()]))
     sections.append(("Top heads", [table(
         ["head"] + [f"{c} (attribution)" for c in rep.conditions],

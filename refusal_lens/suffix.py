@@ -24,10 +24,9 @@ Objectives:
 
 The template + instruction prefix is the same for every candidate of a prompt, so its key/value cache is
 computed once and reused (``prefix_cache=True``); each candidate then costs only its suffix and the
-post-instruction tokens. CPU cost on the embedded Qwen2.5-0.5B (2 cores, fp32): 32 candidates x 21 tokens
-to layer 14 take about 1 s on an idle machine. Measured: a universal search over 8 prompts, 16 tokens,
-width 32, ran 31 steps in 2,277 s wall / 1,503 s process CPU on a machine shared with other jobs (torch's
-two threads slow down about 4x when another process holds a core; ``torch.set_num_threads(1)`` helps then).
+post-instruction tokens. A step costs, per prompt, one gradient pass and ``search_width`` candidate passes
+of those few tokens through the blocks up to the deepest objective layer; the README's suffix section gives
+measured times.
 
 Example:
     >>> res = search_suffix(model, harmful[:8], direction=d, n_tokens=16, steps=40, search_width=32)
