@@ -9,6 +9,9 @@ at the end, so an interrupted run leaves nothing behind):
 * ``evaluation.json`` -- refusal scores, coherence, KL and CE per condition on the test split,
 * ``completions.jsonl`` -- every completion, one line per (instruction, condition),
 * ``report.html`` -- a self-contained page of tables and plotly figures (:func:`refusal_lens.report.write_run_report`).
+
+It returns a :class:`RunResult`, which :meth:`RunResult.save` writes as these files and
+:meth:`RunResult.load` reads back.
 """
 
 from __future__ import annotations
@@ -206,12 +209,49 @@ def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids,
 
 @dataclass
 class RunResult:
+    """What :func:`run_pipeline` found; :meth:`save` writes the run folder, :meth:`load` reads it back.
+
+    Attributes:
+        out: the run folder.
+        direction, selection, candidates: the pick, every candidate's scores, every candidate.
+        evaluation: refusal scores, coherence, KL and CE per condition (``evaluation.json``).
+        completions: one ``{"instruction", "condition", "completion"}`` per generation.
+        seconds: wall time of the run (s); ``timings``: per step (s).
+    """
+
     out: Path
     direction: Direction
     selection: Selection
     evaluation: dict
     seconds: float
     timings: dict
+    candidates: Candidates | None = None
+    completions: list[dict] = field(default_factory=list)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the files of the module doc into ``folder`` (``report.html`` included)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.candidates is not None:
+            self.candidates.save(folder / "candidates")
+        self.direction.save(folder / "direction")
+        self.selection.save(folder / "selection.json")
+        with open(folder / "completions.jsonl", "w") as f:
+            for r in self.completions:
+                f.write(json.dumps(r) + "\n")
+        (folder / "evaluation.json").write_text(json.dumps(json_safe(self.evaluation), indent=1))
+        write_run_report(folder / "report.html", self.direction, self.selection, self.evaluation, self.completions)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> RunResult:
+        """Read a run folder written by :func:`run_pipeline` (or :meth:`save`)."""
+        folder = Path(folder)
+        evaluation = json.loads((folder / "evaluation.json").read_text())
+        lines = (folder / "completions.jsonl").read_text().splitlines()
+        return cls(folder, Direction.load(folder / "direction"), Selection.load(folder / "selection.json"),
+                   evaluation, float(evaluation.get("seconds_total") or math.nan), evaluation.get("timings_s", {}),
+                   Candidates.load(folder / "candidates"), [json.loads(x) for x in lines if x.strip()])
 
 
 def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwrite: bool = False,
@@ -248,7 +288,6 @@ def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwr
         cands = candidate_directions(model, splits.harmful["train"], splits.harmless["train"], batch_size=cfg.batch_size)
         cands.provenance.update(split="train", data=cfg.harmful_path or "built-in", version=__version__,
                                 filtering=filtering)
-        cands.save(tmp / "candidates")
         lap("extract", t)
 
         t = time.perf_counter()
@@ -263,8 +302,6 @@ def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwr
         selection.config["addition_coeff_search"] = {"chosen": coeff, "share_metric_positive_by_coeff": shares}
         direction.provenance.update(refusal_tokens=rtoks.strings, addition_coeff=coeff, run_config=asdict(cfg),
                                     filtering=filtering)
-        direction.save(tmp / "direction")
-        selection.save(tmp / "selection.json")
         lap("select", t)
         console.print(f"  selected layer {direction.layer}, position {direction.position} ({selection.rule_text})")
 
@@ -278,25 +315,15 @@ def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwr
         lap("evaluate", t)
 
         t = time.perf_counter()
-        with open(tmp / "completions.jsonl", "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
         evaluation["timings_s"] = timings
         evaluation["seconds_total"] = round(time.perf_counter() - t0, 1)
-        (tmp / "evaluation.json").write_text(json.dumps(json_safe(evaluation), indent=1))
-        write_run_report(tmp / "report.html", direction, selection, evaluation, rows)
+        result = RunResult(Path(out), direction, selection, evaluation, math.nan, timings, cands, rows)
+        result.save(tmp)
         lap("report", t)
-    result = RunResult(Path(out), direction, selection, evaluation, time.perf_counter() - t0, timings)
+    result.seconds = time.perf_counter() - t0
     if export_dir is not None:
         from refusal_lens.export import export
 
         console.print(f"[bold]4/4 export[/] orthogonalized model -> {export_dir}")
         export(model, direction, export_dir, overwrite=overwrite, evaluation=evaluation)
     return result
-
-
-def load_run(out: str | Path) -> tuple[Direction, Selection, dict, Candidates]:
-    """Read a run folder back."""
-    out = Path(out)
-    return (Direction.load(out / "direction"), Selection.load(out / "selection.json"),
-            json.loads((out / "evaluation.json").read_text()), Candidates.load(out / "candidates"))
