@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from refusal_lens.attribution import Attribution
     from refusal_lens.hijack import HijackReport
     from refusal_lens.selection import Selection
+    from refusal_lens.suffix import SuffixResult
 
 CONDITION_LABELS = {
     "harmful_baseline": "harmful, baseline",
@@ -141,7 +142,33 @@ def attribution_figure(attr: Attribution, k: int = 15, title: str | None = None)
 
 
 # --------------------------------------------------------------------------------------------------
-# Adversarial-suffix hijacking (paper section 5)
+# Adversarial suffixes and hijacking (paper section 5)
+# --------------------------------------------------------------------------------------------------
+
+
+def suffix_losses(res: SuffixResult) -> go.Figure:
+    """The suffix search's loss per step (step 0: the initial suffix) and the running best."""
+    steps = list(range(len(res.losses) + 1))
+    values = [res.initial_loss] + list(res.losses) if res.initial_loss is not None else res.losses
+    best, run = [], float("inf")
+    for v in values:
+        run = min(run, v)
+        best.append(run)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name="current"))
+    fig.add_trace(go.Scatter(x=steps, y=best, mode="lines", name="best", line=dict(dash="dash")))
+    objective = res.config.get("objective", "")
+    fig.update_layout(
+        title=f"suffix search ({objective}): {res.suffix!r}",
+        xaxis_title="step",
+        yaxis_title="loss",
+        height=380,
+    )
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------
+# Hijacking
 # --------------------------------------------------------------------------------------------------
 
 

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformer_lens.utilities import get_act_name
 
 from refusal_lens.directions import Candidates, Direction
 from refusal_lens.errors import DataError, DirectionError
@@ -173,11 +174,11 @@ def score_candidate(model, direction: Direction, harmful_val: Sequence[str], har
 
 def _write_hooks(model) -> list[str]:
     """Hook names of every write into the residual stream, in order."""
-    names = ["hook_embed"]
-    if "hook_pos_embed" in model.hook_dict:
-        names.append("hook_pos_embed")
+    names = [get_act_name("embed")]
+    if get_act_name("pos_embed") in model.hook_dict:
+        names.append(get_act_name("pos_embed"))
     for layer in range(model.cfg.n_layers):
-        names += [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"]
+        names += [get_act_name("attn_out", layer), get_act_name("mlp_out", layer)]
     return names
 
 

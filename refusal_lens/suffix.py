@@ -207,26 +207,10 @@ class SuffixResult:
             raise SuffixError(f"{path} is not a suffix file written by SuffixResult.save ({e}).") from e
 
     def plot(self):
-        """Plotly line chart of the loss per step (and the running best)."""
-        import plotly.graph_objects as go
+        """Plotly line chart of the loss per step and the running best (:func:`refusal_lens.plots.suffix_losses`)."""
+        from refusal_lens.plots import suffix_losses
 
-        steps = list(range(len(self.losses) + 1))
-        values = [self.initial_loss] + list(self.losses) if self.initial_loss is not None else self.losses
-        best, run = [], float("inf")
-        for v in values:
-            run = min(run, v)
-            best.append(run)
-        fig = go.Figure()
-        fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name="current"))
-        fig.add_trace(go.Scatter(x=steps, y=best, mode="lines", name="best", line=dict(dash="dash")))
-        objective = self.config.get("objective", "")
-        fig.update_layout(
-            title=f"suffix search ({objective}): {self.suffix!r}",
-            xaxis_title="step",
-            yaxis_title="loss",
-            height=380,
-        )
-        return fig
+        return suffix_losses(self)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -37,8 +37,7 @@ def _vector(model, seed: int = 0) -> torch.Tensor:
 
 def _resid(model, layer: int, positions=(-1,)) -> torch.Tensor:
     batch = tokenize_instructions(model.tokenizer, PROMPTS)
-    n = model.cfg.n_layers
-    name = f"blocks.{layer}.hook_resid_pre" if layer < n else f"blocks.{n - 1}.hook_resid_post"
+    name = resid_hook_name(model.cfg.n_layers, layer)
     with torch.no_grad():
         _, cache = model.run_with_cache(
             batch.input_ids, attention_mask=batch.attention_mask, names_filter=[name]
@@ -92,7 +91,7 @@ def test_head_term_equals_effect_of_removing_that_head_before_the_readout(arch):
     last = model.cfg.n_layers - 1
     attr = direction_attribution(model, PROMPTS, r, layer=model.cfg.n_layers)
     batch = tokenize_instructions(model.tokenizer, PROMPTS)
-    name = f"blocks.{last}.hook_resid_mid"
+    name = get_act_name("resid_mid", last)
     for head in range(model.cfg.n_heads):
 
         def zero(z, hook, head=head):
@@ -109,7 +108,7 @@ def test_head_term_equals_effect_of_removing_that_head_before_the_readout(arch):
                 model(batch.input_ids, attention_mask=batch.attention_mask)
             with model.hooks(
                 fwd_hooks=[
-                    (f"blocks.{last}.attn.hook_z", zero),
+                    (get_act_name("z", last), zero),
                     (name, lambda x, hook: keep(x, hook, "ablated")),
                 ]
             ):

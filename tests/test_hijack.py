@@ -156,12 +156,14 @@ def test_hijack_page_reads_like_results(setup, tmp_path):
                    "instruction (%)", "suffix (%)", "head"):
         assert f"<th>{header}</th>" in html, header
     s = rep.summary()
+    tables = "".join(re.findall(r"<table>.*?</table>", html, flags=re.S))
+    assert tables.count("<table>") == 4  # behaviour, alignment, top heads, attention shares
     for c in rep.conditions:
         assert f"<td>{c}</td>" in html
         assert f"<td class='num'>{s['cosine_at_layer'][c]:.3f}</td>" in html
         share = s["attention_share_mean_over_top_heads"][c]["instruction"]
         assert f"<td class='num'>{share:.0%}</td>" in html
-        assert repr(s["cosine_at_layer"][c]) not in html  # rounded, not the raw float
+        assert repr(s["cosine_at_layer"][c]) not in tables  # rounded, not the raw float (figures hold it)
     for label, value in zip(rep.head_labels, rep.head_attr_mean[HARMFUL], strict=True):
         assert f"<td>{label}</td><td class='num'>{value:.2f}</td>" in html
     assert html_lib.escape(suffix.suffix) in html  # the suffix is shown, escaped
