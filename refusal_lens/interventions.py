@@ -34,7 +34,7 @@ from transformer_lens.utilities import get_act_name
 
 from refusal_lens.errors import RefusalLensError
 from refusal_lens.models import patch_kv_cache
-from refusal_lens.prompts import ChatFormat, batches
+from refusal_lens.prompts import ChatFormat, batches, chat_format
 
 Hook = tuple[str, Callable]
 
@@ -95,6 +95,10 @@ class Ablation(Intervention):
         basis: ``[d_model]`` direction (normalised here) or ``[k, d_model]`` spanning vectors
             (made orthonormal here, by QR).
         points: residual-stream hook points per block (default: block input, middle and output).
+
+    Example:
+        >>> with Ablation(model, torch.stack([d1.vector, d2.vector])):   # a 2-dimensional subspace
+        ...     logits = model(tokens)
     """
 
     def __init__(self, model, basis: Float[Tensor, "*k d_model"], points: Sequence[str] = RESID_POINTS):
@@ -189,9 +193,12 @@ def generate(
 
     Returns:
         One completion string per instruction (special tokens removed).
+
+    Example:
+        >>> generate(model, ["How do I pick a lock?"], interventions=[direction.ablate(model)], max_new_tokens=32)
     """
     patch_kv_cache()  # a bridge booted by hand has not been through load_model
-    fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
+    fmt = fmt or chat_format(model)
     tok = model.tokenizer
     out: list[str] = []
     bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)

@@ -27,7 +27,7 @@ import torch
 from rich.console import Console
 
 from refusal_lens import __version__
-from refusal_lens.data import load_builtin, load_instructions, validate_instructions
+from refusal_lens.data import check_disjoint, load_builtin, load_instructions, validate_instructions
 from refusal_lens.directions import Candidates, Direction, candidate_directions
 from refusal_lens.errors import DataError
 from refusal_lens.evaluate import (
@@ -94,19 +94,24 @@ def load_splits(cfg: RunConfig, *, truncate: bool = True) -> Splits:
     """
     splits = Splits()
     limits = {"train": cfg.n_train if truncate else None, "val": cfg.n_val if truncate else None, "test": cfg.n_test}
+    for name, limit in limits.items():
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise DataError(f"n_{name} must be a whole number >= 1 (or None for every {name} prompt), got {limit!r}.")
     for kind, path in (("harmful", cfg.harmful_path), ("harmless", cfg.harmless_path)):
         target = getattr(splits, kind)
         # the whole set first: an instruction repeated across splits would leak train into test
         validate_instructions(load_instructions(path) if path else load_builtin(kind), name=f"{kind} set")
-        for split, limit in limits.items():
+        for split in limits:
             items = load_instructions(path, split=split) if path else load_builtin(kind, split)
-            items = validate_instructions(items, name=f"{kind} {split}", min_count=MIN_PER_SPLIT[split])
-            target[split] = items[:limit] if limit else items
-    for split in limits:
-        both = {x.strip().lower() for x in splits.harmful[split]} & {x.strip().lower() for x in splits.harmless[split]}
-        if both:
-            raise DataError(f"{len(both)} instruction(s) appear in both the harmful and harmless {split} sets, e.g. "
-                            f"{sorted(both)[0]!r}; remove them from one set.")
+            name = f"{kind} {split}" + (f" ({path})" if path else "")
+            target[split] = validate_instructions(items, name=name, min_count=MIN_PER_SPLIT[split])
+    # every split of both sets, before truncation: a harmful train prompt in the harmless test split leaks too
+    check_disjoint({f"{kind} {split}": items for kind in ("harmful", "harmless")
+                    for split, items in getattr(splits, kind).items()})
+    for kind in ("harmful", "harmless"):
+        target = getattr(splits, kind)
+        for split, limit in limits.items():
+            target[split] = target[split][:limit] if limit is not None else target[split]
     return splits
 
 
@@ -138,7 +143,7 @@ def filter_splits(model, splits: Splits, refusal_ids, cfg: RunConfig) -> dict:
                     f"metric {'>' if refused else '<'} 0); at least {MIN_PER_SPLIT[split]} are needed. If this model "
                     "barely refuses there may be no refusal to find; otherwise add prompts, or pass --no-filter "
                     "(filter=False) to use them unfiltered.")
-            target[split] = kept[:limit] if limit else kept
+            target[split] = kept[:limit] if limit is not None else kept
             counts[f"{kind}_{split}"] = {"scored": len(items), "kept": len(kept), "used": len(target[split])}
     return counts
 
@@ -228,10 +233,14 @@ class RunResult:
     candidates: Candidates | None = None
     completions: list[dict] = field(default_factory=list)
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the files of the module doc into ``folder`` (``report.html`` included)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+    def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the run folder of the module doc (``report.html`` included) atomically; an existing
+        ``folder`` is replaced only with ``overwrite``."""
+        with atomic_dir(folder, overwrite=overwrite) as tmp:
+            self._write_into(tmp)
+        return Path(folder)
+
+    def _write_into(self, folder: Path) -> None:
         if self.candidates is not None:
             self.candidates.save(folder / "candidates")
         self.direction.save(folder / "direction")
@@ -241,7 +250,6 @@ class RunResult:
                 f.write(json.dumps(r) + "\n")
         (folder / "evaluation.json").write_text(json.dumps(json_safe(self.evaluation), indent=1))
         write_run_report(folder / "report.html", self.direction, self.selection, self.evaluation, self.completions)
-        return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> RunResult:
@@ -318,7 +326,7 @@ def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwr
         evaluation["timings_s"] = timings
         evaluation["seconds_total"] = round(time.perf_counter() - t0, 1)
         result = RunResult(Path(out), direction, selection, evaluation, math.nan, timings, cands, rows)
-        result.save(tmp)
+        result._write_into(tmp)  # inside the run's own atomic folder
         lap("report", t)
     result.seconds = time.perf_counter() - t0
     if export_dir is not None:

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from refusal_lens.attribution import resid_hook_name
 from refusal_lens.directions import Direction
 from refusal_lens.errors import DataError, DirectionError, RefusalLensError
-from refusal_lens.prompts import ChatFormat
+from refusal_lens.prompts import ChatFormat, chat_format
 
 FORMAT_VERSION = 1
 Objective = Literal["direction", "target"]
@@ -187,19 +187,21 @@ class SuffixResult:
     def to_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, **asdict(self)}
 
-    def save(self, path: str | Path) -> Path:
-        """Write JSON (the suffix, its ids, loss history, settings, tokenizer fingerprint)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write JSON (the suffix, its ids, loss history, settings, tokenizer fingerprint) atomically; an
+        existing file is replaced only with ``overwrite``, a symbolic link never."""
+        from refusal_lens.io import write_text_atomic
+
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=1), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> SuffixResult:
         try:
             d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SuffixError(f"Cannot read the suffix file {path}: {e}. Re-run the suffix search.") from e
+        if not isinstance(d, dict):
+            raise SuffixError(f"{path} holds a JSON {type(d).__name__}, not a suffix file written by SuffixResult.save.")
         d.pop("format_version", None)
         try:
             return cls(**d)
@@ -408,7 +410,7 @@ def _prepare(model, prompts: Sequence[str], fmt: ChatFormat | None, objective: s
     prompts = list(prompts)
     if not prompts:
         raise DataError("The prompt set is empty; pass at least one instruction to optimise the suffix on.")
-    fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
+    fmt = fmt or chat_format(model)
     target_ids = _encode(model.tokenizer, target) if objective == "target" else []
     if objective == "target" and not target_ids:
         raise SuffixError("The target string is empty; pass e.g. target='Sure, here is'.")

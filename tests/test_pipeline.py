@@ -59,6 +59,10 @@ def test_run_writes_complete_folder(tiny_llama, tmp_path):
     assert len(lines) == sum(c["n"] for c in ev["conditions"].values())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.tmp")]
     _check_report(out / "report.html", res)
+    copy = back.save(tmp_path / "copy")  # a loaded run saves again, whole
+    assert RunResult.load(copy).evaluation == back.evaluation and (copy / "report.html").is_file()
+    with pytest.raises(OutputExistsError):
+        back.save(copy)
 
 
 def _check_report(path, res):
