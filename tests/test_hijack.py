@@ -185,12 +185,16 @@ def test_token_spans():
     assert names[-fmt.n_post :] == ["template"] * fmt.n_post
 
 
-def test_without_suffix_and_explicit_random():
+def test_without_suffix_and_explicit_random(tmp_path):
     model = boot_tiny("llama")
     d = _direction(model)
-    rep = hijack_analysis(model, d, HARMFUL_PROMPTS, HARMLESS_PROMPTS, None, top_k=2, progress=False)
+    rep = hijack_analysis(model, d, HARMFUL_PROMPTS, HARMLESS_PROMPTS, None, top_k=2, max_new_tokens=0,
+                          progress=False)
     assert rep.conditions == [HARMFUL, HARMLESS]
     assert "cosine_drop_adversarial_vs_random" not in rep.summary()
+    page = (rep.save(tmp_path / "hj") / "hijack.html").read_text()
+    assert page.count("<table>") == 3 and page.count("Plotly.newPlot(") == len(rep.plot()) == 4  # no behaviour
+    assert "Adversarial suffix (" not in page and f"<td>{ADVERSARIAL}</td>" not in page
     rnd = random_suffix(model.tokenizer, 3, seed=5)
     rep = hijack_analysis(
         model,
