@@ -398,16 +398,16 @@ def write_compare_report(path: Path, rows: list[dict], info: dict, comps: dict, 
     if any(r.get("mmlu_delta") is not None for r in rows):
         figs.append(pareto_figure([r for r in rows if r["method"] != "base"] + [rows[0] | {"mmlu_delta": 0.0}],
                                   "mmlu_delta", "Harmful refusal vs MMLU change", "MMLU accuracy change"))
-    sections = []
+    sections = [("Pareto figures", figs)]
     for r in rows[1:]:
         prov = html.escape(json.dumps(r.get("provenance", {}), indent=1))
         sample = "".join(
             f"<tr><td class='instr'>{html.escape(p)}</td><td>{html.escape(comps['base']['harmful_test'][i])}</td>"
             f"<td>{html.escape(comps[r['method']]['harmful_test'][i])}</td></tr>"
             for i, p in enumerate(prompts["harmful_test"][:6]))
-        sections.append((f"{r['method']}", f"<pre>{prov}</pre><table><tr><th>harmful instruction</th><th>base</th>"
-                                           f"<th>{html.escape(r['method'])}</th></tr>{sample}</table>"))
-    return write_report(path, title="refusal-lens compare", summary_html=summary, figures=figs, sections=sections)
+        sections.append((f"{r['method']}", [f"<pre>{prov}</pre><table><tr><th>harmful instruction</th><th>base</th>"
+                                            f"<th>{html.escape(r['method'])}</th></tr>{sample}</table>"]))
+    return write_report(path, title="refusal-lens compare", summary_html=summary, sections=sections)
 
 
 def load_compare(out: str | Path) -> dict:
