@@ -29,19 +29,36 @@ def _root(
         raise typer.Exit()
 
 
-def _load(model: str | None, trust_remote_code: bool = False):
-    from refusal_lens.models import load_model
+def _load(model: str | None, trust_remote_code: bool = False, device: str | None = None, dtype: str | None = None,
+          device_map: str | None = None, max_memory: str | None = None, offload_folder: Path | None = None):
+    from refusal_lens.models import load_model, parse_device_map, parse_max_memory
 
     console.print(f"loading model {model or '(embedded default)'} ...")
-    return load_model(model, trust_remote_code=trust_remote_code)
+    return load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
+                      device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory),
+                      offload_folder=offload_folder)
 
 
-MODEL_OPT = typer.Option(None, "--model", "-m", help="HF folder, .gguf file or cached HF name (default: embedded).")
+MODEL_OPT = typer.Option(None, "--model", "-m", help="Short name (qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), HF "
+                         "folder, .gguf file or cached HF name (default: the embedded qwen2.5-coder-0.5b).")
+DEVICE_OPT = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu).")
+DTYPE_OPT = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on a GPU, "
+                         "float32 on a CPU).")
+DEVICE_MAP_OPT = typer.Option(None, "--device-map", help="accelerate placement: auto, balanced, sequential, or "
+                              "a JSON object of module -> device/'cpu'/'disk' (a model larger than one device).")
+MAX_MEMORY_OPT = typer.Option(None, "--max-memory", help="Budgets for --device-map auto, e.g. '0=20GiB,cpu=64GiB'.")
+OFFLOAD_OPT = typer.Option(None, "--offload-folder", help="Folder for 'disk' entries of --device-map "
+                           "(default: a temporary folder).")
 
 
 @app.command()
 def run(
     model: str | None = MODEL_OPT,
+    device: str | None = DEVICE_OPT,
+    dtype: str | None = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
+    max_memory: str | None = MAX_MEMORY_OPT,
+    offload_folder: Path | None = OFFLOAD_OPT,
     out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="Run folder to write (must not exist)."),
     export: Path | None = typer.Option(None, "--export", help="Also export the orthogonalized HF model here."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output folders."),
@@ -72,7 +89,7 @@ def run(
                     strategy=strategy, top_k=top_k, max_layer_frac=max_layer_frac, harmful_path=str(harmful) if harmful else None,
                     harmless_path=str(harmless) if harmless else None,
                     refusal_ids=[int(x) for x in refusal_ids.split(",")] if refusal_ids else None, filter=filter)
-    m = _load(model, trust_remote_code)
+    m = _load(model, trust_remote_code, device, dtype, device_map, max_memory, offload_folder)
     res = run_pipeline(m, out, cfg, overwrite=overwrite, export_dir=export)
     c = res.evaluation["conditions"]
     console.print(
@@ -87,6 +104,11 @@ def run(
 @app.command()
 def extract(
     model: str | None = MODEL_OPT,
+    device: str | None = DEVICE_OPT,
+    dtype: str | None = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
+    max_memory: str | None = MAX_MEMORY_OPT,
+    offload_folder: Path | None = OFFLOAD_OPT,
     out: Path = typer.Option(Path("candidates"), "--out", "-o", help="Path stem for candidates.safetensors/.json."),
     n_train: int = typer.Option(128, help="Train prompts per set."),
     batch_size: int = typer.Option(16),
@@ -100,7 +122,7 @@ def extract(
     target = out.with_suffix(".safetensors")
     if target.exists() and not overwrite:
         raise OutputExistsError(f"{target} exists; pass --overwrite or choose another --out.")
-    m = _load(model)
+    m = _load(model, False, device, dtype, device_map, max_memory, offload_folder)
     c = candidate_directions(m, load_builtin("harmful", "train")[:n_train], load_builtin("harmless", "train")[:n_train],
                              batch_size=batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,6 +134,11 @@ def extract(
 def select(
     candidates: Path = typer.Argument(..., help="candidates.safetensors written by `extract` or `run`."),
     model: str | None = MODEL_OPT,
+    device: str | None = DEVICE_OPT,
+    dtype: str | None = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
+    max_memory: str | None = MAX_MEMORY_OPT,
+    offload_folder: Path | None = OFFLOAD_OPT,
     out: Path = typer.Option(Path("direction"), "--out", "-o", help="Path stem for direction.safetensors/.json."),
     n_val: int = typer.Option(32),
     strategy: str = typer.Option("fast"),
@@ -128,7 +155,7 @@ def select(
     if out.with_suffix(".safetensors").exists() and not overwrite:
         raise OutputExistsError(f"{out.with_suffix('.safetensors')} exists; pass --overwrite or choose another --out.")
     cands = Candidates.load(candidates)
-    m = _load(model)
+    m = _load(model, False, device, dtype, device_map, max_memory, offload_folder)
     if cands.model_id != model_id(m) or cands.diffs.shape[-1] != m.cfg.d_model:
         raise DirectionError(f"{candidates} belongs to {cands.model_id!r}, not {model_id(m)!r}; pass the matching --model.")
     rt = find_refusal_tokens(m, load_builtin("harmful", "train")[:32])
@@ -143,6 +170,11 @@ def select(
 def evaluate(
     direction: Path = typer.Option(..., "--direction", "-d", help="direction.safetensors"),
     model: str | None = MODEL_OPT,
+    device: str | None = DEVICE_OPT,
+    dtype: str | None = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
+    max_memory: str | None = MAX_MEMORY_OPT,
+    offload_folder: Path | None = OFFLOAD_OPT,
     n_test: int | None = typer.Option(None),
     max_new_tokens: int = typer.Option(48),
 ) -> None:
@@ -155,7 +187,7 @@ def evaluate(
     from refusal_lens.interventions import ablate, generate
 
     d = Direction.load(direction)
-    m = _load(model)
+    m = _load(model, False, device, dtype, device_map, max_memory, offload_folder)
     d.check_model(m)
     harmful = load_builtin("harmful", "test")[:n_test] if n_test else load_builtin("harmful", "test")
     res = {
@@ -171,6 +203,11 @@ def export_cmd(
     direction: Path = typer.Option(..., "--direction", "-d", help="direction.safetensors from `run` or `select`."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to create (plain `transformers` loads it)."),
     model: str | None = MODEL_OPT,
+    device: str | None = DEVICE_OPT,
+    dtype: str | None = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
+    max_memory: str | None = MAX_MEMORY_OPT,
+    offload_folder: Path | None = OFFLOAD_OPT,
     streaming: bool = typer.Option(False, "--streaming", help="Edit a safetensors HF folder shard by shard "
                                    "(memory ~ one shard); --model must then be that folder (default: the "
                                    "embedded model's cache folder)."),
@@ -199,7 +236,7 @@ def export_cmd(
     else:
         from refusal_lens.export import export
 
-        m = _load(model)
+        m = _load(model, False, device, dtype, device_map, max_memory, offload_folder)
         report = export(m, d, out, overwrite=overwrite, evaluation=evaluation, allow_other_model=allow_other_model)
     checks = (f"reload vs in-memory max |logit diff| {report.max_logit_diff:.2e}, hook ablation vs weights "
               f"{report.hook_ablation_diff:.2e}" if report.max_logit_diff is not None and report.hook_ablation_diff
@@ -212,6 +249,11 @@ def suffix(
     direction: Path = typer.Option(..., "--direction", "-d", help="direction.safetensors from `run`."),
     out: Path = typer.Option(Path("suffix.json"), "--out", "-o", help="JSON file for the suffix."),
     model: str | None = MODEL_OPT,
+    device: str | None = DEVICE_OPT,
+    dtype: str | None = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
+    max_memory: str | None = MAX_MEMORY_OPT,
+    offload_folder: Path | None = OFFLOAD_OPT,
     objective: str = typer.Option("direction", help="'direction' (push the last-token projection down) or "
                                   "'target' (make the reply start with --target)."),
     target: str = typer.Option("Sure, here is", help="Target reply prefix for --objective target."),
@@ -232,7 +274,7 @@ def suffix(
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} exists; pass --overwrite or choose another --out.")
     d = Direction.load(direction)
-    m = _load(model)
+    m = _load(model, False, device, dtype, device_map, max_memory, offload_folder)
     res = search_suffix(m, load_builtin("harmful", "train")[:n_prompts], direction=d, objective=objective,
                         target=target, n_tokens=n_tokens, steps=steps, search_width=search_width, seed=seed,
                         max_seconds=max_minutes * 60 if max_minutes else None)
@@ -247,6 +289,11 @@ def hijack(
     suffix_file: Path | None = typer.Option(None, "--suffix", help="suffix.json from `refusal-lens suffix` "
                                             "(default: search one first; ~10 CPU minutes on the embedded model)."),
     model: str | None = MODEL_OPT,
+    device: str | None = DEVICE_OPT,
+    dtype: str | None = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
+    max_memory: str | None = MAX_MEMORY_OPT,
+    offload_folder: Path | None = OFFLOAD_OPT,
     n_prompts: int = typer.Option(24, help="Harmful and harmless test prompts analysed."),
     top_k: int = typer.Option(8, help="Heads followed."),
     search_minutes: float = typer.Option(10.0, help="Budget of the suffix search when --suffix is not given."),
@@ -263,7 +310,7 @@ def hijack(
 
     check_output_dir(out, overwrite)
     d = Direction.load(direction)
-    m = _load(model)
+    m = _load(model, False, device, dtype, device_map, max_memory, offload_folder)
     d.check_model(m)
     if suffix_file is not None:
         adv = SuffixResult.load(suffix_file)
