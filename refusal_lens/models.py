@@ -383,10 +383,11 @@ def _gguf_cache_folder(stem: str, sha256: str, n_bytes: int, dtype: torch.dtype,
     """The cached HF folder of a GGUF in ``dtype``, built on first use.
 
     Folders are keyed by the GGUF's sha256 and the dtype it was dequantized to: ``<stem>-<sha12>`` for
-    float32 (the name older versions used) and ``<stem>-<sha12>-<dtype>`` otherwise. A request for
-    another dtype reuses a float32 folder when one exists (``from_pretrained`` casts tensor by tensor,
-    so no float32 copy of the model is held); otherwise it dequantizes the GGUF straight to that dtype.
-    A folder whose files do not match its marker (a partial or corrupt cache) is rebuilt.
+    float32 (the name older versions used) and ``<stem>-<sha12>-<dtype>`` otherwise. Each dtype has its
+    own folder, dequantized from the GGUF straight to that dtype (tensor by tensor), never cast from a
+    float32 folder: loading safetensors memory-maps the file, so a bf16 load from a float32 folder would
+    touch twice the model's bytes. A folder whose files do not match its marker (a partial or corrupt
+    cache) is rebuilt.
 
     Args:
         build_gguf: ``callable(tmp_folder) -> Path`` giving the GGUF file to dequantize (for packaged
@@ -402,12 +403,8 @@ def _gguf_cache_folder(stem: str, sha256: str, n_bytes: int, dtype: torch.dtype,
         return root / f"{base}-{dtype_name(dt)}", f"{sid}:{dtype_name(dt)}"
 
     folder, source_id = folder_and_id(dtype)
-    if not rebuild:
-        if _cache_is_valid(folder, source_id):
-            return folder
-        fp32_folder, fp32_id = folder_and_id(torch.float32)
-        if dtype != torch.float32 and _cache_is_valid(fp32_folder, fp32_id):
-            return fp32_folder
+    if not rebuild and _cache_is_valid(folder, source_id):
+        return folder
     if folder.exists():
         logger.warning("model cache at %s is incomplete or stale; rebuilding it", folder)
     logger.warning("first use: dequantizing %s to %s into %s (a minute or more)", stem, dtype_name(dtype), folder)
@@ -616,8 +613,20 @@ def boot_bridge(hf_model, tokenizer, model_id: str, *, device: str | torch.devic
         ) from e
     bridge.tokenizer.padding_side = "left"
     bridge.eval()
+    bridge.register_forward_pre_hook(_inputs_to_model_device, with_kwargs=True)
     object.__setattr__(bridge, "refusal_lens_id", model_id)
     return bridge
+
+
+def _inputs_to_model_device(bridge, args, kwargs):
+    """Forward pre-hook: token ids and masks built on the CPU go to the device of the model's embedding
+    (``cfg.device``; for a dispatched model, where accelerate expects the inputs). A no-op on the CPU."""
+    device = torch.device(bridge.cfg.device or "cpu")
+
+    def move(x):
+        return x.to(device) if isinstance(x, torch.Tensor) and x.device != device else x
+
+    return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
 
 
 def load_model(
