@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` (set up + main job on the embedded model) and `make test`.
+# The README's two commands: `make demo` (set up + main job on the embedded model) and `make test`
+# (ruff, then the tests; tests/test_notebooks.py executes every notebook and checks its offline HTML export).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -21,9 +22,6 @@ lint: venv
 
 test: venv lint
 	$(BIN)/python -m pytest -q tests
-ifneq ($(wildcard notebooks/*.ipynb),)
-	$(BIN)/python -m pytest -q --nbmake --nbmake-timeout=600 notebooks
-endif
 
 demo: venv
 	$(BIN)/refusal-lens run --out $(OUT) --overwrite

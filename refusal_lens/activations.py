@@ -16,7 +16,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from refusal_lens.errors import DataError
-from refusal_lens.prompts import ChatFormat, batches
+from refusal_lens.prompts import ChatFormat, batches, chat_format
 
 
 class StopForward(Exception):
@@ -83,7 +83,7 @@ def mean_activations(
     """
     if len(instructions) == 0:
         raise DataError("Cannot average activations over an empty prompt set; pass at least one instruction.")
-    fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
+    fmt = fmt or chat_format(model)
     positions = list(positions if positions is not None else fmt.positions)
     layers = list(layers if layers is not None else range(model.cfg.n_layers))
     total = torch.zeros(len(layers), len(positions), model.cfg.d_model, dtype=torch.float64)

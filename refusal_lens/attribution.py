@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from refusal_lens.directions import Direction
 from refusal_lens.errors import DataError, DirectionError, RefusalLensError
 from refusal_lens.models import resident
-from refusal_lens.prompts import ChatFormat, PromptBatch, batches
+from refusal_lens.prompts import ChatFormat, PromptBatch, batches, chat_format
 
 FORMAT_VERSION = 1
 SortOrder = Literal["desc", "asc", "abs"]
@@ -474,7 +474,7 @@ def _iter_batches(model, prompts, batch_size: int, fmt: ChatFormat | None, suffi
         raise DataError("Pass a list of instructions, not a single string (wrap it: [instruction]).")
     if len(prompts) == 0:
         raise DataError("The instruction list is empty; pass at least one instruction.")
-    fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
+    fmt = fmt or chat_format(model)
     return list(batches(model.tokenizer, list(prompts), batch_size, fmt, suffix=suffix))
 
 

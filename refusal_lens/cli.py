@@ -184,7 +184,7 @@ def evaluate(
     from refusal_lens.data import load_builtin
     from refusal_lens.directions import Direction
     from refusal_lens.evaluate import refusal_score
-    from refusal_lens.interventions import ablate, generate
+    from refusal_lens.interventions import generate
 
     d = Direction.load(direction)
     m = _load(model, False, device, dtype, device_map, max_memory, offload_folder)
@@ -193,7 +193,7 @@ def evaluate(
     res = {
         "harmful_baseline": refusal_score(generate(m, harmful, max_new_tokens=max_new_tokens)),
         "harmful_ablated": refusal_score(generate(m, harmful, max_new_tokens=max_new_tokens,
-                                                  interventions=[lambda mm: ablate(mm, d)])),
+                                                  interventions=d.ablate(m))),
     }
     print(json.dumps(res, indent=1))
 

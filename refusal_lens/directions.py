@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from refusal_lens.errors import DirectionError
+from refusal_lens.interventions import Ablation, Addition
 
 FORMAT_VERSION = 1
 
@@ -83,6 +84,28 @@ class Direction:
             )
         if not 0 <= self.layer < int(model.cfg.n_layers):
             raise DirectionError(f"Direction layer {self.layer} is outside the model's {model.cfg.n_layers} layers.")
+
+    def ablate(self, model) -> Ablation:
+        """Directional ablation of this direction at every layer and position (checked against ``model``).
+
+        Example:
+            >>> with direction.ablate(model):
+            ...     logits = model(tokens)
+        """
+        self.check_model(model)
+        return Ablation(model, self.vector)
+
+    def add(self, model, coeff: float = 1.0, layer: int | None = None) -> Addition:
+        """Add ``coeff`` times the raw diff-in-means vector at ``layer`` (default: the direction's layer).
+
+        The raw vector is ``vector * norm``, so ``coeff=1`` adds the mean difference between harmful and
+        harmless activations, as in the paper. A negative ``coeff`` subtracts.
+
+        Example:
+            >>> generate(model, harmless, interventions=[direction.add(model, coeff=1.5)])
+        """
+        self.check_model(model)
+        return Addition(model, self.raw, self.layer if layer is None else layer, coeff)
 
     def save(self, path: str | Path) -> Path:
         """Write ``path.safetensors`` and ``path.json`` (``path`` may end in either suffix or none)."""

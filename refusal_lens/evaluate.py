@@ -22,8 +22,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from refusal_lens.activations import run_until
-from refusal_lens.interventions import apply
-from refusal_lens.prompts import ChatFormat, batches
+from refusal_lens.interventions import Intervention, applied
+from refusal_lens.prompts import ChatFormat, batches, chat_format
 
 REFUSAL_SUBSTRINGS = (
     "I'm sorry", "I am sorry", "I apologize", "As an AI", "As a language model", "As an assistant",
@@ -67,12 +67,12 @@ def last_position_logits(model, input_ids, attention_mask) -> Float[Tensor, "bat
 
 
 @torch.no_grad()
-def last_logits(model, instructions: Sequence[str], *, interventions: Sequence | None = None,
+def last_logits(model, instructions: Sequence[str], *, interventions: Intervention | Sequence[Intervention] | None = None,
                 batch_size: int = 16, fmt: ChatFormat | None = None, suffix: str = "") -> Float[Tensor, "batch vocab"]:
     """Next-token logits at the last prompt position, ``[n_prompts, vocab]`` (fp32, on CPU)."""
-    fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
+    fmt = fmt or chat_format(model)
     out = []
-    with apply(model, interventions):
+    with applied(interventions):
         for b in batches(model.tokenizer, instructions, batch_size, fmt, suffix=suffix):
             out.append(last_position_logits(model, b.input_ids, b.attention_mask).float().cpu())
     return torch.cat(out)
@@ -139,7 +139,7 @@ def find_refusal_tokens(model, harmful: Sequence[str], *, min_share: float = 0.0
     from refusal_lens.errors import DataError
     from refusal_lens.interventions import generate
 
-    fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
+    fmt = fmt or chat_format(model)
     comps = generate(model, harmful, max_new_tokens=12, fmt=fmt, batch_size=batch_size, desc="refusal tokens")
     tok = model.tokenizer
     firsts = [tok(c, add_special_tokens=False)["input_ids"][:1] for c in comps if is_refusal(c)]
@@ -162,13 +162,13 @@ def find_refusal_tokens(model, harmful: Sequence[str], *, min_share: float = 0.0
 
 @torch.no_grad()
 def completion_nll(model, instructions: Sequence[str], completions: Sequence[str], *,
-                   interventions: Sequence | None = None, batch_size: int = 8,
+                   interventions: Intervention | Sequence[Intervention] | None = None, batch_size: int = 8,
                    fmt: ChatFormat | None = None) -> list[tuple[float, int]]:
     """Per completion: (summed negative log-likelihood in nats, number of tokens), given its prompt."""
-    fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
+    fmt = fmt or chat_format(model)
     tok = model.tokenizer
     results: list[tuple[float, int]] = []
-    with apply(model, interventions):
+    with applied(interventions):
         for start in range(0, len(instructions), batch_size):
             prompts = [fmt.format(x) for x in instructions[start : start + batch_size]]
             comps = list(completions[start : start + batch_size])

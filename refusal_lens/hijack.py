@@ -39,7 +39,7 @@ from refusal_lens.directions import Direction
 from refusal_lens.errors import DataError, RefusalLensError
 from refusal_lens.evaluate import coherence, refusal_score
 from refusal_lens.interventions import generate
-from refusal_lens.prompts import ChatFormat, batches
+from refusal_lens.prompts import ChatFormat, batches, chat_format
 from refusal_lens.suffix import SuffixResult
 from refusal_lens.suffix import random_suffix as draw_random_suffix
 
@@ -553,7 +553,7 @@ def hijack_analysis(
         raise HijackError(f"top_k must be >= 1, got {top_k}.")
     if max_new_tokens < 0:
         raise HijackError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
-    fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
+    fmt = fmt or chat_format(model)
     adv_text, n_tok = _suffix_text(model, suffix)
     if adv_text is not None and random_suffix is None:
         random_suffix = draw_random_suffix(model.tokenizer, n_tok, seed=seed)

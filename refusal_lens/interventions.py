@@ -1,17 +1,24 @@
-"""Interventions on the residual stream as context managers over TransformerLens hooks.
+"""Interventions on the residual stream: one kind of object, built on TransformerLens hooks.
 
-* :func:`ablate` -- directional ablation ``x <- x - r r^T x`` at every layer's block input, middle
-  (after attention) and output (after the MLP), at every position (paper section 2.4).
-* :func:`add` -- activation addition ``x <- x + c * r_raw`` at one layer's block input, every
-  position, where ``r_raw`` is the un-normalised diff-in-means vector (paper section 2.4); a negative
-  coefficient subtracts.
+An :class:`Intervention` is a set of TransformerLens forward hooks bound to a model. It is a
+re-enterable context manager (the hooks are attached on entry and removed on exit, also on error), and
+it is what :func:`generate`, :func:`refusal_lens.evaluate.last_logits`, selection and evaluation accept.
 
-Both compose (nest them) and always remove their own hooks, also when the body raises::
+* :class:`Ablation` -- directional ablation ``x <- x - r r^T x`` (or of a k-dimensional subspace,
+  ``x <- x - B^T B x``) at every layer's block input, middle (after attention) and output (after the
+  MLP), at every position (paper section 2.4).
+* :class:`Addition` -- activation addition ``x <- x + c * v`` at one layer's block input, every position,
+  where ``v`` is the un-normalised diff-in-means vector (paper section 2.4); a negative ``c`` subtracts.
 
-    with ablate(model, direction):
+A :class:`~refusal_lens.directions.Direction` makes them for you::
+
+    with direction.ablate(model):
         logits = model(tokens)
-    with add(model, direction, coeff=1.0):
+    with direction.add(model, coeff=1.0):
         completions = generate(model, harmless)
+    completions = generate(model, harmful, interventions=[direction.ablate(model)])
+
+Interventions compose by nesting ``with`` blocks or by passing several to ``generate``.
 """
 
 from __future__ import annotations
@@ -23,90 +30,140 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformer_lens.utilities import get_act_name
 
-from refusal_lens.directions import Direction
+from refusal_lens.errors import RefusalLensError
 from refusal_lens.models import patch_kv_cache
-from refusal_lens.prompts import ChatFormat, batches
+from refusal_lens.prompts import ChatFormat, batches, chat_format
 
 Hook = tuple[str, Callable]
 
-
-def _vector_for(act: Tensor, vector: Tensor) -> Tensor:
-    return vector.to(device=act.device, dtype=act.dtype)
+RESID_POINTS = ("resid_pre", "resid_mid", "resid_post")
 
 
-def ablation_hooks(model, vector: Float[Tensor, " d_model"]) -> list[Hook]:
-    """Hooks projecting ``vector`` (normalised here) out of the residual stream everywhere."""
-    r = vector.detach().flatten().to(torch.float32)
-    r = r / r.norm()
-
-    def hook(act, hook):
-        rv = _vector_for(act, r)
-        return act - (act @ rv).unsqueeze(-1) * rv
-
-    names = []
-    for layer in range(model.cfg.n_layers):
-        names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_mid",
-                  f"blocks.{layer}.hook_resid_post"]
-    return [(name, hook) for name in names]
+def resid_hook_names(n_layers: int, points: Sequence[str] = RESID_POINTS) -> list[str]:
+    """TransformerLens names of ``points`` at every block, in forward order."""
+    return [get_act_name(p, layer) for layer in range(n_layers) for p in points]
 
 
-def addition_hooks(model, vector: Float[Tensor, " d_model"], layer: int, coeff: float = 1.0) -> list[Hook]:
-    """Hooks adding ``coeff * vector`` (as given, not normalised) at block ``layer``'s input."""
-    v = vector.detach().flatten().to(torch.float32) * coeff
+class _OnDevice:
+    """A tensor copied once to each (device, dtype) an activation asks for, then reused."""
 
-    def hook(act, hook):
-        return act + _vector_for(act, v)
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+        self._copies: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
-    return [(f"blocks.{layer}.hook_resid_pre", hook)]
-
-
-@contextmanager
-def hooks(model, fwd_hooks: Sequence[Hook]) -> Iterator:
-    """Attach ``fwd_hooks`` for the duration of the block; they are removed on exit or error."""
-    with model.hooks(fwd_hooks=list(fwd_hooks)):
-        yield model
+    def like(self, act: Tensor) -> Tensor:
+        key = (act.device, act.dtype)
+        t = self._copies.get(key)
+        if t is None:
+            t = self._copies[key] = self.tensor.to(device=act.device, dtype=act.dtype)
+        return t
 
 
-@contextmanager
-def ablate(model, direction: Direction | Tensor) -> Iterator:
-    """Directional ablation of ``direction`` at every layer and position.
+class Intervention:
+    """Forward hooks on ``model`` as a re-enterable context manager.
+
+    Subclasses implement :meth:`fwd_hooks`. ``with iv:`` attaches them through TransformerLens's own
+    ``model.hooks(...)``; every entry attaches a fresh set, so one object can be entered many times
+    (and nested).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self._active: list = []
+
+    def fwd_hooks(self) -> list[Hook]:
+        """``(hook name, hook function)`` pairs, in TransformerLens's ``fwd_hooks`` format."""
+        raise NotImplementedError
+
+    def __enter__(self):
+        cm = self.model.hooks(fwd_hooks=self.fwd_hooks())
+        cm.__enter__()
+        self._active.append(cm)
+        return self.model
+
+    def __exit__(self, *exc) -> bool | None:
+        return self._active.pop().__exit__(*exc)
+
+
+class Ablation(Intervention):
+    """Project a direction (or a subspace) out of the residual stream at every layer and position.
 
     Args:
-        direction: a :class:`Direction` (checked against the model) or a ``[d_model]`` tensor.
+        model: the bridge.
+        basis: ``[d_model]`` direction (normalised here) or ``[k, d_model]`` spanning vectors
+            (made orthonormal here, by QR).
+        points: residual-stream hook points per block (default: block input, middle and output).
     """
-    if isinstance(direction, Direction):
-        direction.check_model(model)
-        direction = direction.vector
-    with hooks(model, ablation_hooks(model, direction)):
-        yield model
+
+    def __init__(self, model, basis: Float[Tensor, "*k d_model"], points: Sequence[str] = RESID_POINTS):
+        super().__init__(model)
+        b = basis.detach().to(torch.float32)
+        if b.ndim == 1:
+            b = (b / b.norm()).unsqueeze(0)
+        elif b.shape[0] > 1:
+            b = torch.linalg.qr(b.T.double()).Q.T.to(torch.float32)
+        else:
+            b = b / b.norm()
+        if b.shape[-1] != int(model.cfg.d_model):
+            raise RefusalLensError(f"Ablation basis has width {b.shape[-1]}, the model's d_model is "
+                                   f"{model.cfg.d_model}: it belongs to another model.")
+        self.basis: Float[Tensor, "k d_model"] = b
+        self.points = tuple(points)
+        self._basis = _OnDevice(b)
+        self._rank1 = _OnDevice(b[0])
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[0]
+
+    def _hook(self, act, hook):
+        if self.rank == 1:  # the rank-1 formula, kept bit for bit for the paper's single direction
+            r = self._rank1.like(act)
+            return act - (act @ r).unsqueeze(-1) * r
+        b = self._basis.like(act)
+        return act - (act @ b.T) @ b
+
+    def fwd_hooks(self) -> list[Hook]:
+        return [(name, self._hook) for name in resid_hook_names(self.model.cfg.n_layers, self.points)]
+
+
+class Addition(Intervention):
+    """Add ``coeff * vector`` (as given, not normalised) at block ``layer``'s input, every position."""
+
+    def __init__(self, model, vector: Float[Tensor, " d_model"], layer: int, coeff: float = 1.0):
+        super().__init__(model)
+        self.layer, self.coeff = int(layer), float(coeff)
+        self._v = _OnDevice(vector.detach().flatten().to(torch.float32) * coeff)
+
+    def _hook(self, act, hook):
+        return act + self._v.like(act)
+
+    def fwd_hooks(self) -> list[Hook]:
+        return [(get_act_name("resid_pre", self.layer), self._hook)]
+
+
+def as_interventions(interventions: Intervention | Sequence[Intervention] | None) -> list[Intervention]:
+    """Normalise ``None`` / one intervention / a sequence into a list, refusing anything else."""
+    if interventions is None:
+        return []
+    items = [interventions] if isinstance(interventions, Intervention) else list(interventions)
+    for item in items:
+        if not isinstance(item, Intervention):
+            raise RefusalLensError(
+                f"{item!r} is not an Intervention. Pass objects such as `direction.ablate(model)` or "
+                "`direction.add(model, coeff)`.")
+    return items
 
 
 @contextmanager
-def add(model, direction: Direction, coeff: float = 1.0, layer: int | None = None) -> Iterator:
-    """Add ``coeff`` times the raw diff-in-means vector at ``layer`` (default: the direction's layer).
-
-    The raw vector is ``direction.vector * direction.norm``, so ``coeff=1`` adds the mean difference
-    between harmful and harmless activations, as in the paper. Negative ``coeff`` subtracts.
-    """
-    direction.check_model(model)
-    layer = direction.layer if layer is None else layer
-    with hooks(model, addition_hooks(model, direction.raw, layer, coeff)):
-        yield model
-
-
-def _is_context(item) -> bool:
-    # contextlib's context managers are also callable (ContextDecorator): test for __enter__ first
-    return hasattr(item, "__enter__")
-
-
-@contextmanager
-def apply(model, interventions: Sequence | None) -> Iterator:
-    """Enter several intervention context managers (or callables ``model -> context``) at once."""
+def applied(interventions: Intervention | Sequence[Intervention] | None) -> Iterator[None]:
+    """Enter every intervention for the duration of the block (removed on exit or error)."""
     with ExitStack() as stack:
-        for item in interventions or []:
-            stack.enter_context(item if _is_context(item) else item(model))
-        yield model
+        for item in as_interventions(interventions):
+            stack.enter_context(item)
+        yield
 
 
 @torch.no_grad()
@@ -114,7 +171,7 @@ def generate(
     model,
     instructions: Sequence[str],
     *,
-    interventions: Sequence | None = None,
+    interventions: Intervention | Sequence[Intervention] | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 16,
     fmt: ChatFormat | None = None,
@@ -127,34 +184,32 @@ def generate(
 
     Args:
         instructions: user messages; the chat template is applied here.
-        interventions: context managers such as ``ablate(model, d)`` or callables ``model -> cm``
-            (callables are re-entered for every batch, so reusable).
+        interventions: an :class:`Intervention` or several, e.g. ``[direction.ablate(model)]``.
         suffix: text appended to each instruction inside the user turn.
 
     Returns:
         One completion string per instruction (special tokens removed).
     """
     patch_kv_cache()  # a bridge booted by hand has not been through load_model
-    fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
+    fmt = fmt or chat_format(model)
     tok = model.tokenizer
     out: list[str] = []
     bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
-    with apply(model, [i for i in interventions or [] if _is_context(i)]):
+    with applied(interventions):
         for batch in batches(tok, instructions, batch_size, fmt, suffix=suffix):
-            with apply(model, [i for i in interventions or [] if not _is_context(i)]):
-                tokens = model.hf_generate(
-                    batch.input_ids,
-                    attention_mask=batch.attention_mask,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    use_past_kv_cache=use_cache,
-                    use_cache=use_cache,  # hf_generate only forwards True; the model's default is True
-                    return_type="tokens",
-                    pad_token_id=tok.pad_token_id,
-                    top_k=None,
-                    top_p=None,
-                    temperature=None,
-                )
+            tokens = model.hf_generate(
+                batch.input_ids,
+                attention_mask=batch.attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_past_kv_cache=use_cache,
+                use_cache=use_cache,  # hf_generate only forwards True; the model's default is True
+                return_type="tokens",
+                pad_token_id=tok.pad_token_id,
+                top_k=None,
+                top_p=None,
+                temperature=None,
+            )
             new = tokens[:, batch.input_ids.shape[1] :]
             out += tok.batch_decode(new, skip_special_tokens=True)
             bar.update(len(batch))

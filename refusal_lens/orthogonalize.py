@@ -422,7 +422,7 @@ def check_equivalence(model, direction: Direction | Tensor, prompts, *, keep: bo
     Raises:
         ExportError: when the model is already orthogonalized (the comparison would be vacuous).
     """
-    from refusal_lens.interventions import ablate
+    from refusal_lens.interventions import Ablation
 
     check_direction(model, direction, allow_other_model=allow_other_model)
     if is_orthogonalized(model):
@@ -432,7 +432,7 @@ def check_equivalence(model, direction: Direction | Tensor, prompts, *, keep: bo
         )
     batch = _batch(model, prompts)
     r = unit_vector(direction)
-    with ablate(model, r):
+    with Ablation(model, r):
         reference = _logits(model, batch)
     writers = residual_writers(model)
     snapshot = None if keep else [w.param.detach().clone() for w in writers]

@@ -38,7 +38,7 @@ from refusal_lens.evaluate import (
     refusal_metric_from_logits,
     refusal_score,
 )
-from refusal_lens.interventions import ablate, add, generate
+from refusal_lens.interventions import generate
 from refusal_lens.io import atomic_dir, check_output_dir
 from refusal_lens.models import model_id
 from refusal_lens.selection import Selection, select_direction
@@ -149,8 +149,8 @@ def choose_addition_coeff(model, direction: Direction, harmless_val: list[str], 
     """
     shares = {}
     for c in ADD_COEFFS:
-        with add(model, direction, coeff=c):
-            m = refusal_metric_from_logits(last_logits(model, harmless_val, batch_size=batch_size), refusal_ids)
+        logits = last_logits(model, harmless_val, interventions=direction.add(model, c), batch_size=batch_size)
+        m = refusal_metric_from_logits(logits, refusal_ids)
         shares[c] = float((m > 0).float().mean())
         if shares[c] >= target:
             return c, shares
@@ -164,13 +164,13 @@ def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids,
     gen = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
     conditions: dict[str, tuple[list[str], list]] = {
         "harmful_baseline": (harmful, []),
-        "harmful_ablated": (harmful, [lambda m: ablate(m, direction)]),
+        "harmful_ablated": (harmful, [direction.ablate(model)]),
         "harmless_baseline": (harmless, []),
-        "harmless_ablated": (harmless, [lambda m: ablate(m, direction)]),
-        "harmless_added_coeff1": (harmless, [lambda m: add(m, direction, 1.0)]),
+        "harmless_ablated": (harmless, [direction.ablate(model)]),
+        "harmless_added_coeff1": (harmless, [direction.add(model, 1.0)]),
     }
     if tuned_coeff != 1.0:
-        conditions["harmless_added_tuned"] = (harmless, [lambda m: add(m, direction, tuned_coeff)])
+        conditions["harmless_added_tuned"] = (harmless, [direction.add(model, tuned_coeff)])
     completions: dict[str, list[str]] = {}
     results: dict[str, dict] = {}
     for name, (prompts, ivs) in conditions.items():
@@ -183,11 +183,10 @@ def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids,
         results[name].update(coherent_fraction=coh.fraction, median_perplexity=coh.summary["median_perplexity"],
                              mean_repetition=coh.summary["mean_repetition"])
     base = last_logits(model, harmless, batch_size=cfg.batch_size)
-    with ablate(model, direction):
-        abl = last_logits(model, harmless, batch_size=cfg.batch_size)
+    abl = last_logits(model, harmless, interventions=direction.ablate(model), batch_size=cfg.batch_size)
     ce_base = completion_ce(model, harmless, completions["harmless_baseline"], batch_size=cfg.batch_size)
     ce_abl = completion_ce(model, harmless, completions["harmless_baseline"], batch_size=cfg.batch_size,
-                           interventions=[lambda m: ablate(m, direction)])
+                           interventions=direction.ablate(model))
     evaluation = {
         "conditions": results,
         "kl_harmless_test_last_token": kl_last(base, abl),

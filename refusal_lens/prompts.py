@@ -101,8 +101,35 @@ class ChatFormat:
 
 
 def chat_format(model, system_prompt: str | None = None) -> ChatFormat:
-    """The :class:`ChatFormat` of a loaded model's tokenizer."""
-    return ChatFormat.from_tokenizer(model.tokenizer, system_prompt)
+    """The model's :class:`ChatFormat`: the one given to :func:`set_chat_format`, else its tokenizer's
+    template with the template's default system prompt (derived once, then kept on the model).
+
+    Every step (extraction, filtering, selection, generation, evaluation) formats prompts with it, so a
+    format set once on the model is used everywhere.
+
+    Args:
+        system_prompt: return the tokenizer's format with this system prompt instead (not stored).
+
+    Example:
+        >>> fmt = chat_format(model)
+        >>> fmt.positions                  # post-instruction positions, e.g. [-5, -4, -3, -2, -1]
+    """
+    if system_prompt is not None:
+        return ChatFormat.from_tokenizer(model.tokenizer, system_prompt)
+    fmt = getattr(model, "refusal_lens_fmt", None)
+    if fmt is None:
+        fmt = ChatFormat.from_tokenizer(model.tokenizer)
+        object.__setattr__(model, "refusal_lens_fmt", fmt)
+    return fmt
+
+
+def set_chat_format(model, fmt: ChatFormat) -> None:
+    """Make ``fmt`` the model's chat format for every later step (e.g. one with a system prompt).
+
+    Example:
+        >>> set_chat_format(model, ChatFormat.from_tokenizer(model.tokenizer, system_prompt="Be brief."))
+    """
+    object.__setattr__(model, "refusal_lens_fmt", fmt)
 
 
 @dataclass

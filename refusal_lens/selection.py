@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from refusal_lens.directions import Candidates, Direction
 from refusal_lens.errors import DataError, DirectionError
 from refusal_lens.evaluate import kl_last, last_logits, last_position_logits, refusal_metric_from_logits
-from refusal_lens.interventions import ablation_hooks, addition_hooks, hooks
+from refusal_lens.interventions import Ablation, Addition, Intervention
 
 FALLBACKS = (
     "paper: induce > 0, KL < max_kl, layer < max_layer_frac * L; lowest bypass",
@@ -183,9 +183,8 @@ def _nan_to_none(obj):
     return obj
 
 
-def _metric(model, prompts, refusal_ids, fwd_hooks, batch_size) -> float:
-    with hooks(model, fwd_hooks):
-        logits = last_logits(model, prompts, batch_size=batch_size)
+def _metric(model, prompts, refusal_ids, intervention: Intervention, batch_size) -> float:
+    logits = last_logits(model, prompts, interventions=intervention, batch_size=batch_size)
     return float(refusal_metric_from_logits(logits, refusal_ids).mean())
 
 
@@ -193,12 +192,11 @@ def score_candidate(model, direction: Direction, harmful_val: Sequence[str], har
                     refusal_ids: Sequence[int], base_harmless_logits: torch.Tensor, *, batch_size: int = 16,
                     induce_coeff: float = 1.0) -> tuple[float, float, float]:
     """(bypass, induce, kl) of one candidate; three forward passes over the val sets."""
-    abl = ablation_hooks(model, direction.vector)
+    abl = Ablation(model, direction.vector)
     bypass = _metric(model, harmful_val, refusal_ids, abl, batch_size)
     induce = _metric(model, harmless_val, refusal_ids,
-                     addition_hooks(model, direction.raw, direction.layer, induce_coeff), batch_size)
-    with hooks(model, abl):
-        kl = kl_last(base_harmless_logits, last_logits(model, harmless_val, batch_size=batch_size))
+                     Addition(model, direction.raw, direction.layer, induce_coeff), batch_size)
+    kl = kl_last(base_harmless_logits, last_logits(model, harmless_val, interventions=abl, batch_size=batch_size))
     return bypass, induce, kl
 
 
@@ -350,7 +348,7 @@ def select_direction(
             for layer, pos in tqdm(pool, desc="screening candidates", disable=not progress, leave=False):
                 d = candidates.direction(layer, pos)
                 scores[(layer, pos)].screen_bypass = _metric(model, screen_prompts, refusal_ids,
-                                                             ablation_hooks(model, d.vector), batch_size)
+                                                             Ablation(model, d.vector), batch_size)
             how = f"the exact bypass score on {len(screen_prompts)} harmful val prompts"
         else:
             raise DataError(f"Unknown screen {screen!r}; use 'gradient' or 'exact'.")
@@ -366,8 +364,8 @@ def select_direction(
         base_kl_logits = base_harmless[: len(kl_prompts)]
         for key in tqdm(kl_keys, desc="screening KL", disable=not progress, leave=False):
             d = candidates.direction(*key)
-            with hooks(model, ablation_hooks(model, d.vector)):
-                scores[key].screen_kl = kl_last(base_kl_logits, last_logits(model, kl_prompts, batch_size=batch_size))
+            scores[key].screen_kl = kl_last(base_kl_logits, last_logits(model, kl_prompts, batch_size=batch_size,
+                                                                        interventions=Ablation(model, d.vector)))
         # score, in this order: the candidates rule 1 would pick by the screens (screening bypass effective,
         # screening KL low), the best low-KL layers, then the best overall (which may be the only effective
         # ones): all three kinds feed the rules of FALLBACKS

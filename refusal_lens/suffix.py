@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from refusal_lens.directions import Direction
 from refusal_lens.errors import DataError, DirectionError, RefusalLensError
-from refusal_lens.prompts import ChatFormat
+from refusal_lens.prompts import ChatFormat, chat_format
 
 FORMAT_VERSION = 1
 Objective = Literal["direction", "target"]
@@ -427,7 +427,7 @@ def _prepare(model, prompts: Sequence[str], fmt: ChatFormat | None, objective: s
     prompts = list(prompts)
     if not prompts:
         raise DataError("The prompt set is empty; pass at least one instruction to optimise the suffix on.")
-    fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
+    fmt = fmt or chat_format(model)
     target_ids = _encode(model.tokenizer, target) if objective == "target" else []
     if objective == "target" and not target_ids:
         raise SuffixError("The target string is empty; pass e.g. target='Sure, here is'.")

@@ -5,7 +5,7 @@ On the embedded Qwen2.5-Coder-0.5B-Instruct (fp32), the same harmful test prompt
 every repeat, after one untimed warm-up of each):
 
 * ``rl-ablate``   -- :func:`refusal_lens.interventions.generate` with
-  ``interventions=[lambda m: ablate(m, d)]`` (72 hooks: every block's input, middle and output), KV cache;
+  ``interventions=[d.ablate(model)]`` (72 hooks: every block's input, middle and output), KV cache;
 * ``plain``       -- ``AutoModelForCausalLM.generate`` on its own copy of the weights, no hooks (eager
   attention like the bridge, ``--plain-attn sdpa`` for transformers' default);
 * ``rl-plain``    -- refusal-lens ``generate`` without interventions (the bridge's own overhead);
@@ -157,7 +157,7 @@ def main() -> None:
     from refusal_lens.data import load_builtin
     from refusal_lens.directions import candidate_directions
     from refusal_lens.evaluate import refusal_score
-    from refusal_lens.interventions import ablate, generate
+    from refusal_lens.interventions import generate
 
     print(machine_info(), flush=True)
     model, hf, tok = load_bridge_and_plain(args.plain_attn)
@@ -185,7 +185,7 @@ def main() -> None:
              "the model's generation_config.use_cache=True stays); the uncached runs below also set "
              "generation_config.use_cache=False"), flush=True)
 
-    ablation = [lambda m: ablate(m, direction)]
+    ablation = [direction.ablate(model)]
     results: dict[str, tuple[list[str], list[list[int]]]] = {}
 
     def rl_job(name: str, interventions, use_cache: bool, subset: int | None = None):

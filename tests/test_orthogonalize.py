@@ -9,7 +9,6 @@ import torch
 
 from refusal_lens.directions import Direction
 from refusal_lens.errors import DirectionError, ExportError
-from refusal_lens.interventions import ablate
 from refusal_lens.models import model_id
 from refusal_lens.orthogonalize import (
     _LLAMA,
@@ -62,7 +61,7 @@ def test_orthogonalize_edits_in_place(arch):
     tied = model.unembed.weight is model.embed.weight
     embed_before = model.embed.weight.detach().clone()
     batch = _batch(model, PROMPTS)
-    with ablate(model, d):
+    with d.ablate(model):
         reference = _logits(model, batch)
 
     writers = orthogonalize(model, d)
@@ -106,7 +105,7 @@ def test_without_untying_the_edit_leaks_into_the_unembedding(arch):
     assert model.unembed.weight is model.embed.weight
     d = direction_for(model)
     batch = _batch(model, PROMPTS)
-    with ablate(model, d):
+    with d.ablate(model):
         reference = _logits(model, batch)
     for w in residual_writers(model):  # the edit without orthogonalize()'s untying step
         project_out_(w.param, unit_vector(d), w.layout)
@@ -125,7 +124,7 @@ def test_gemma2_is_refused_because_of_its_post_norms():
 
     # Why: the llama-style edit of o_proj/down_proj does not reproduce hook ablation on Gemma2.
     batch = _batch(model, PROMPTS)
-    with ablate(model, d):
+    with d.ablate(model):
         reference = _logits(model, batch)
     from refusal_lens.models import _untie_
     from refusal_lens.orthogonalize import _hf_named_parameters

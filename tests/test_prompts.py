@@ -61,3 +61,25 @@ def test_bad_input():
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ChatTemplateError):
         ChatFormat.from_tokenizer(tok)
+
+
+def test_the_model_carries_its_chat_format_to_every_step(tiny_llama):
+    from refusal_lens.activations import mean_activations
+    from refusal_lens.evaluate import last_logits
+    from refusal_lens.prompts import chat_format, set_chat_format
+
+    prompts = ["tell me a story", "the cat sat"]
+    default = chat_format(tiny_llama)
+    assert chat_format(tiny_llama) is default  # derived once, kept on the model
+    base_means = mean_activations(tiny_llama, prompts, progress=False).mean
+    base_logits = last_logits(tiny_llama, prompts)
+
+    custom = ChatFormat.from_tokenizer(tiny_llama.tokenizer, system_prompt="be brief")
+    assert custom.prefix != default.prefix
+    set_chat_format(tiny_llama, custom)
+    assert chat_format(tiny_llama) is custom
+    means = mean_activations(tiny_llama, prompts, progress=False).mean
+    assert torch.equal(means, mean_activations(tiny_llama, prompts, fmt=custom, progress=False).mean)
+    assert not torch.allclose(means, base_means)  # the system prompt changed what the model saw
+    assert torch.equal(last_logits(tiny_llama, prompts), last_logits(tiny_llama, prompts, fmt=custom))
+    assert not torch.allclose(last_logits(tiny_llama, prompts), base_logits)

@@ -90,6 +90,7 @@ def test_gradient_screen_is_the_derivative_of_ablation(tiny_model):
     """-r^T M r is d/d(eps) of the mean refusal metric under partial ablation x - eps (x.r) r, at eps=0."""
     import torch
 
+    from refusal_lens.interventions import Intervention
     from refusal_lens.selection import _metric, _write_hooks, gradient_screen_matrix
 
     ids = [5, 9]
@@ -101,8 +102,11 @@ def test_gradient_screen_is_the_derivative_of_ablation(tiny_model):
     def partial(act, hook):
         return act - eps * (act @ r).unsqueeze(-1) * r
 
-    fwd = [(name, partial) for name in _write_hooks(tiny_model)]
-    plus = _metric(tiny_model, HARMFUL, ids, fwd, 8)
-    assert abs(base - _metric(tiny_model, HARMFUL, ids, [], 8)) < 1e-5
+    class PartialAblation(Intervention):  # any edit is an Intervention: its hooks, nothing more
+        def fwd_hooks(self):
+            return [(name, partial) for name in _write_hooks(self.model)]
+
+    plus = _metric(tiny_model, HARMFUL, ids, PartialAblation(tiny_model), 8)
+    assert abs(base - _metric(tiny_model, HARMFUL, ids, None, 8)) < 1e-5
     est = -float(r.double() @ M @ r.double())
     assert abs((plus - base) / eps - est) < 0.02 * abs(est) + 2e-3
