@@ -11,7 +11,7 @@ from refusal_lens.attribution import direction_attribution, logit_attribution
 from refusal_lens.directions import candidate_directions
 from refusal_lens.errors import ModelLoadError
 from refusal_lens.evaluate import last_logits
-from refusal_lens.interventions import ablate, add, generate
+from refusal_lens.interventions import generate
 from refusal_lens.selection import select_direction
 from tiny import save_tiny
 
@@ -51,20 +51,20 @@ def test_forward_extraction_and_interventions_match(pair):
     assert cd.diffs.dtype == torch.float32
     torch.testing.assert_close(cd.diffs, cw.diffs, rtol=0, atol=1e-6)
     d = cw.direction(1, -1)
-    for interventions in ([], [lambda m: ablate(m, d)], [lambda m: add(m, d, coeff=2.0)]):
-        a = last_logits(whole, HARMLESS[:3], interventions=interventions)
-        b = last_logits(disp, HARMLESS[:3], interventions=interventions)
+    for make in (lambda m: [], lambda m: [d.ablate(m)], lambda m: [d.add(m, coeff=2.0)]):
+        a = last_logits(whole, HARMLESS[:3], interventions=make(whole))
+        b = last_logits(disp, HARMLESS[:3], interventions=make(disp))
         assert (a - b).abs().max().item() < 1e-5
     base = last_logits(whole, HARMLESS[:3])
-    assert (last_logits(whole, HARMLESS[:3], interventions=[lambda m: add(m, d, coeff=2.0)]) - base).abs().max() > 1e-2
+    assert (last_logits(whole, HARMLESS[:3], interventions=[d.add(whole, coeff=2.0)]) - base).abs().max() > 1e-2
 
 
 def test_generation_matches(pair):
     whole, disp = pair
     d = candidate_directions(whole, HARMFUL, HARMLESS, batch_size=4, progress=False).direction(1, -1)
-    for iv in ([], [lambda m: ablate(m, d)]):
-        gw = generate(whole, HARMFUL[:3], interventions=iv, max_new_tokens=8, progress=False)
-        gd = generate(disp, HARMFUL[:3], interventions=iv, max_new_tokens=8, progress=False)
+    for make in (lambda m: [], lambda m: [d.ablate(m)]):
+        gw = generate(whole, HARMFUL[:3], interventions=make(whole), max_new_tokens=8, progress=False)
+        gd = generate(disp, HARMFUL[:3], interventions=make(disp), max_new_tokens=8, progress=False)
         assert gw == gd and any(g.strip() for g in gw)
 
 
@@ -110,9 +110,9 @@ def test_bf16_model_fp32_directions_and_hooks(tmp_path):
     cos = torch.nn.functional.cosine_similarity(c16.diffs[1:].flatten(1), c32.diffs[1:].flatten(1), dim=-1)
     assert cos.min() > 0.98  # bf16 activations, float64 means: the same directions
     d = c32.direction(1, -1)
-    out = last_logits(m16, HARMLESS[:2], interventions=[lambda m: ablate(m, d)])
+    out = last_logits(m16, HARMLESS[:2], interventions=[d.ablate(m16)])
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    g = generate(m16, HARMFUL[:2], interventions=[lambda m: ablate(m, d)], max_new_tokens=6, progress=False)
+    g = generate(m16, HARMFUL[:2], interventions=[d.ablate(m16)], max_new_tokens=6, progress=False)
     assert len(g) == 2
 
 
