@@ -68,7 +68,10 @@ def test_smollm2_run_stops_after_filtering(smol, tmp_path):
     with pytest.raises(DataError) as e:
         run_pipeline(smol, out, RunConfig(batch_size=16))
     msg = str(e.value)
-    assert "harmful train prompts" in msg and "no refusal direction" in msg and "-m qwen2.5-coder-0.5b" in msg
+    # measured: greedy replies to 32 harmful train prompts hold no refusal phrase (it explains how to build
+    # a pipe bomb), so the run stops at its first step, before extraction and selection
+    assert "refused none of the 32 harmful train prompts" in msg
+    assert "no refusal direction" in msg and "-m qwen2.5-coder-0.5b" in msg
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
