@@ -20,6 +20,7 @@ from torch import Tensor
 
 from refusal_lens.errors import DirectionError
 from refusal_lens.interventions import Ablation, Addition
+from refusal_lens.io import atomic_files, pair_paths
 
 FORMAT_VERSION = 1
 
@@ -35,6 +36,11 @@ class Direction:
         model_id: the model it belongs to (``refusal_lens.models.model_id``).
         norm: the norm of the raw diff-in-means vector, in residual-stream units (used for addition).
         provenance: free-form record (prompt sets, splits, counts, library version, selection notes).
+
+    Example:
+        >>> direction = cands.direction(layer=15, position=-1)   # or Direction.load("runs/demo/direction")
+        >>> with direction.ablate(model):
+        ...     print(generate(model, ["How do I pick a lock?"]))
     """
 
     vector: Float[Tensor, " d_model"]
@@ -79,8 +85,8 @@ class Direction:
         mid = model_id(model)
         if self.model_id != mid:
             raise DirectionError(
-                f"Direction was extracted from {self.model_id!r}, not from {mid!r}. Extract one for this "
-                "model, or pass --allow-other-model if you mean to transfer it."
+                f"Direction was extracted from {self.model_id!r}, not from {mid!r}. Pass the model it was "
+                "extracted from (--model), or extract one for this model with `refusal-lens run` or `extract`."
             )
         if not 0 <= self.layer < int(model.cfg.n_layers):
             raise DirectionError(f"Direction layer {self.layer} is outside the model's {model.cfg.n_layers} layers.")
@@ -107,46 +113,81 @@ class Direction:
         self.check_model(model)
         return Addition(model, self.raw, self.layer if layer is None else layer, coeff)
 
-    def save(self, path: str | Path) -> Path:
-        """Write ``path.safetensors`` and ``path.json`` (``path`` may end in either suffix or none)."""
-        base = Path(path)
-        if base.suffix in (".safetensors", ".json"):
-            base = base.with_suffix("")
-        base.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"direction": self.vector.contiguous()}, str(base.with_suffix(".safetensors")))
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``path.safetensors`` and ``path.json`` atomically (``path`` may end in either suffix or none).
+
+        Raises :class:`~refusal_lens.errors.OutputExistsError` if either file exists (unless ``overwrite``)
+        or is a symbolic link; nothing is written then.
+        """
+        st, js = pair_paths(path)
         meta = {k: v for k, v in asdict(self).items() if k != "vector"}
         meta.update(format_version=FORMAT_VERSION, d_model=self.d_model)
-        base.with_suffix(".json").write_text(json.dumps(meta, indent=2))
-        return base.with_suffix(".safetensors")
+        with atomic_files([st, js], overwrite=overwrite) as (tmp_st, tmp_js):
+            save_file({"direction": self.vector.contiguous()}, str(tmp_st))
+            tmp_js.write_text(json.dumps(meta, indent=2))
+        return st
 
     @classmethod
     def load(cls, path: str | Path) -> Direction:
-        """Read a direction saved by :meth:`save` (safetensors + json; never a pickle)."""
-        base = Path(path)
-        if base.suffix in (".safetensors", ".json"):
-            base = base.with_suffix("")
-        st, js = base.with_suffix(".safetensors"), base.with_suffix(".json")
-        for p in (st, js):
-            if not p.is_file():
-                raise DirectionError(
-                    f"{p} is missing; a direction is a .safetensors + .json pair written by "
-                    "`refusal-lens run` or `Direction.save`."
-                )
-        try:
-            meta = json.loads(js.read_text())
-            vector = load_file(str(st))["direction"]
-        except (json.JSONDecodeError, KeyError, OSError) as e:
-            raise DirectionError(f"Cannot read the direction at {base}: {e}. Re-extract it.") from e
+        """Read a direction saved by :meth:`save` (safetensors + json; never a pickle); ``path`` may also be a
+        run folder (its ``direction`` pair is read).
+
+        Raises :class:`DirectionError` naming the fix for a missing, empty, truncated or incomplete pair.
+        """
+        st, js = pair_paths(Path(path) / "direction" if Path(path).is_dir() else path)  # a run folder works too
+        what = "a direction is a .safetensors + .json pair written by `refusal-lens run`, `select` or Direction.save"
+        meta = _read_json(js, what, {"layer": int, "position": int, "model_id": str})
+        vector = _read_tensors(st, what, ("direction",))["direction"]
+        if vector.ndim != 1:
+            raise DirectionError(f"{st} holds a tensor of shape {tuple(vector.shape)}, not one vector; {what}.")
         if meta.get("d_model") not in (None, vector.shape[0]):
-            raise DirectionError(f"{st} holds a vector of width {vector.shape[0]}, its json says {meta['d_model']}.")
-        return cls(
-            vector=vector,
-            layer=int(meta["layer"]),
-            position=int(meta["position"]),
-            model_id=str(meta["model_id"]),
-            norm=float(meta.get("norm", 1.0)),
-            provenance=dict(meta.get("provenance", {})),
-        )
+            raise DirectionError(f"{st} holds a vector of width {vector.shape[0]}, its json says {meta['d_model']}; "
+                                 "the two files are from different directions. Re-extract it.")
+        try:
+            norm = float(meta.get("norm", 1.0))
+        except (TypeError, ValueError) as e:
+            raise DirectionError(f"{js}: 'norm' is {meta.get('norm')!r}, not a number; {what}.") from e
+        provenance = meta.get("provenance", {})
+        return cls(vector=vector, layer=meta["layer"], position=meta["position"], model_id=meta["model_id"],
+                   norm=norm, provenance=dict(provenance) if isinstance(provenance, dict) else {})
+
+
+def _read_json(path: Path, what: str, required: dict[str, type]) -> dict:
+    """The JSON object at ``path`` with ``required`` keys of the given types, or :class:`DirectionError`."""
+    if not path.is_file():
+        raise DirectionError(f"{path} is missing; {what}.")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DirectionError(f"{path} is not readable JSON ({e}); {what}. Re-create it.") from e
+    if not isinstance(meta, dict):
+        raise DirectionError(f"{path} holds a JSON {type(meta).__name__}, not an object; {what}.")
+    for key, typ in required.items():
+        if key not in meta:
+            raise DirectionError(f"{path} has no {key!r} field; {what}. Re-create it.")
+        value = meta[key]
+        ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+        if not ok:
+            raise DirectionError(f"{path}: {key!r} is {value!r}, not {'an integer' if typ is int else typ.__name__}; "
+                                 f"{what}. Re-create it.")
+    return meta
+
+
+def _read_tensors(path: Path, what: str, keys: tuple[str, ...]) -> dict[str, Tensor]:
+    """The tensors of a safetensors file holding ``keys``, or :class:`DirectionError` (never a pickle)."""
+    from safetensors import SafetensorError
+
+    if not path.is_file():
+        raise DirectionError(f"{path} is missing; {what}.")
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise DirectionError(f"{path} is empty, truncated or not a safetensors file ({e}); {what}. "
+                             "Re-create it.") from e
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise DirectionError(f"{path} has no tensor {missing[0]!r} (it holds {sorted(tensors) or 'none'}); {what}.")
+    return tensors
 
 
 @dataclass
@@ -196,23 +237,35 @@ class Candidates:
             provenance=dict(self.provenance),
         )
 
-    def save(self, path: str | Path) -> None:
-        base = Path(path).with_suffix("")
-        save_file(
-            {"diffs": self.diffs.contiguous(), "harmful_mean": self.harmful_mean.contiguous(),
-             "harmless_mean": self.harmless_mean.contiguous()},
-            str(base.with_suffix(".safetensors")),
-        )
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``path.safetensors`` (the three tensors) and ``path.json`` atomically (see :meth:`Direction.save`)."""
+        st, js = pair_paths(path)
         meta = {"positions": self.positions, "model_id": self.model_id, "provenance": self.provenance}
-        base.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+        with atomic_files([st, js], overwrite=overwrite) as (tmp_st, tmp_js):
+            save_file({"diffs": self.diffs.contiguous(), "harmful_mean": self.harmful_mean.contiguous(),
+                       "harmless_mean": self.harmless_mean.contiguous()}, str(tmp_st))
+            tmp_js.write_text(json.dumps(meta, indent=2))
+        return st
 
     @classmethod
     def load(cls, path: str | Path) -> Candidates:
-        base = Path(path).with_suffix("")
-        t = load_file(str(base.with_suffix(".safetensors")))
-        meta = json.loads(base.with_suffix(".json").read_text())
-        return cls(t["diffs"], list(meta["positions"]), meta["model_id"], t["harmful_mean"],
-                   t["harmless_mean"], meta.get("provenance", {}))
+        """Read candidates saved by :meth:`save`; :class:`DirectionError` naming the fix on a bad pair."""
+        st, js = pair_paths(Path(path) / "candidates" if Path(path).is_dir() else path)  # a run folder works too
+        what = "candidates are a .safetensors + .json pair written by `refusal-lens extract` or `run`"
+        meta = _read_json(js, what, {"positions": list, "model_id": str})
+        t = _read_tensors(st, what, ("diffs", "harmful_mean", "harmless_mean"))
+        positions = meta["positions"]
+        if not all(isinstance(p, int) and not isinstance(p, bool) for p in positions):
+            raise DirectionError(f"{js}: 'positions' must be a list of integers, got {positions!r}; {what}.")
+        shape = tuple(t["diffs"].shape)
+        if (t["diffs"].ndim != 3 or shape[1] != len(positions)
+                or any(tuple(t[k].shape) != shape for k in ("harmful_mean", "harmless_mean"))):
+            raise DirectionError(f"{st} holds tensors of shapes {[tuple(v.shape) for v in t.values()]}, which do "
+                                 f"not match {len(positions)} positions; the two files do not belong together. "
+                                 "Re-extract them.")
+        provenance = meta.get("provenance", {})
+        return cls(t["diffs"], list(positions), meta["model_id"], t["harmful_mean"], t["harmless_mean"],
+                   provenance if isinstance(provenance, dict) else {})
 
 
 def candidate_directions(model, harmful: list[str], harmless: list[str], *, batch_size: int = 16,
@@ -225,6 +278,10 @@ def candidate_directions(model, harmful: list[str], harmless: list[str], *, batc
 
     Returns:
         :class:`Candidates` with ``diffs`` of shape ``[n_layers, n_positions, d_model]``.
+
+    Example:
+        >>> cands = candidate_directions(model, load_builtin("harmful", "train"), load_builtin("harmless", "train"))
+        >>> cands.diffs.shape                  # [24, 5, 896] on the embedded model
     """
     from refusal_lens.activations import mean_activations
     from refusal_lens.models import model_id

@@ -31,3 +31,7 @@ class ExportError(RefusalLensError):
 
 class CacheError(RefusalLensError):
     """The model cache directory is unwritable or its contents cannot be used."""
+
+
+class OutputWriteError(RefusalLensError):
+    """An output location is not writable (read-only, not a folder) or its disk is too full."""

@@ -443,6 +443,7 @@ def gguf_model_folder(path: str | os.PathLike, *, dtype: torch.dtype = torch.flo
     gguf = Path(path).expanduser().resolve()
     if not gguf.is_file():
         raise ModelLoadError(f"GGUF file {gguf} does not exist. Check the path.")
+    check_gguf_file(gguf)
     digest = _sha256_of([gguf])
     stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in gguf.stem)[:80] or "gguf"
     folder = _gguf_cache_folder(stem, digest, gguf.stat().st_size, dtype, lambda tmp: gguf, rebuild=rebuild)
@@ -477,6 +478,110 @@ class Placement:
         return kw
 
 
+def check_gguf_file(path: Path) -> None:
+    """Raise :class:`ModelLoadError` unless ``path`` is a complete GGUF file: its header, metadata and tensor
+    table parse (with the ``gguf`` package's reader; no tensor data is read) and every tensor's data lies inside
+    the file. Runs before transformers dequantizes, so a truncated download is named as such instead of failing
+    deep inside the loader (``struct.error``) or being blamed on the architecture."""
+    fix = "the file is damaged or incompletely downloaded: download or copy it again"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'); pass a .gguf "
+                             "file, an HF folder, or nothing for the embedded default.")
+    try:
+        _gguf_table_reader()(path)
+        end = None
+    except _TensorTableEnd as done:
+        end = done.end
+    except Exception as e:  # the reader fails in many ways on a short file (ValueError, struct.error, ...)
+        raise ModelLoadError(f"{path} ({size} bytes) is cut short inside its header or metadata "
+                             f"({type(e).__name__}); {fix}.") from e
+    if end is not None and end > size:
+        raise ModelLoadError(f"{path} is {size} bytes but its tensors need {end}: it is cut short inside its "
+                             f"tensor data; {fix}.")
+
+
+class _TensorTableEnd(Exception):
+    """Raised by :func:`_gguf_table_reader`'s reader with the byte offset where the last tensor's data ends."""
+
+    def __init__(self, end: int) -> None:
+        super().__init__(end)
+        self.end = end
+
+
+def _gguf_table_reader():
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    class Reader(GGUFReader):
+        """Parses header, metadata and tensor table like ``GGUFReader``, then stops before mapping tensor data
+        (which fails on a short file with an unhelpful reshape error) and reports where the data must end."""
+
+        def _build_tensors(self, start_offs, fields):  # gguf's private hook, called after the tensor table
+            end = int(start_offs)
+            for field in fields:
+                dims, raw_dtype, offset = field.parts[3], field.parts[4], field.parts[5]
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_dtype[0]))]
+                n_elems = 1
+                for d in dims.tolist():
+                    n_elems *= int(d)
+                end = max(end, int(start_offs) + int(offset[0]) + n_elems * type_size // block)
+            raise _TensorTableEnd(end)
+
+    return Reader
+
+
+def check_hf_folder(path: Path) -> None:
+    """Raise :class:`ModelLoadError` unless ``path`` holds a readable ``config.json`` and safetensors weights."""
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json).")
+    try:
+        parsed = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{cfg} is not valid JSON ({e}); restore the model's config.json.") from e
+    if not isinstance(parsed, dict):
+        raise ModelLoadError(f"{cfg} holds a JSON {type(parsed).__name__}, not a model config; restore it.")
+    has_safetensors = any(path.glob("*.safetensors"))
+    if not has_safetensors and any(path.glob("*.bin")):
+        raise ModelLoadError(
+            f"{path} holds only pickle (.bin) weights, which can run arbitrary code when loaded. "
+            "Convert them to safetensors (e.g. `model.save_pretrained(dir, safe_serialization=True)` "
+            "in a trusted environment) and pass the converted folder."
+        )
+    if not has_safetensors:
+        raise ModelLoadError(f"{path} has a config.json but no *.safetensors weights; copy the weight files into "
+                             "the folder (or pass the folder that holds them).")
+    from safetensors import SafetensorError, safe_open
+
+    for st in sorted(path.glob("*.safetensors")):
+        try:  # reads the header only; fails when the file is shorter than the tensors it lists
+            with safe_open(st, framework="pt"):
+                pass
+        except (OSError, SafetensorError) as e:
+            raise ModelLoadError(f"{st} is empty, truncated or not a safetensors file ({e}); copy the weights "
+                                 "again.") from e
+    if "model_type" not in parsed:
+        raise ModelLoadError(f"{cfg} is not a model config (no 'model_type' field); restore the model's config.json.")
+
+
+def _folder_tokenizer(path: Path):
+    """The tokenizer of an HF folder, or :class:`ModelLoadError` when the folder has no usable one."""
+    from transformers import AutoTokenizer
+
+    files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+    if not any((path / f).is_file() for f in files):
+        raise ModelLoadError(f"{path} has no tokenizer (none of {', '.join(files)}); copy the model's tokenizer "
+                             "files into the folder (`tokenizer.save_pretrained(folder)`).")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"The tokenizer in {path} cannot be loaded ({' '.join(str(e).split())[:200]}); copy "
+                             "the model's complete tokenizer files (tokenizer.json, tokenizer_config.json) into "
+                             "the folder.") from e
+
+
 def _load_hf(name: str, placement: Placement | torch.dtype, trust_remote_code: bool):
     """Load (model, tokenizer, model_id) from a folder or a name in the local HF cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -486,17 +591,9 @@ def _load_hf(name: str, placement: Placement | torch.dtype, trust_remote_code: b
     path = Path(name).expanduser()
     kwargs: dict[str, Any] = {**placement.from_pretrained_kwargs(), "trust_remote_code": trust_remote_code}
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json).")
-        has_safetensors = any(path.glob("*.safetensors"))
-        if not has_safetensors and any(path.glob("*.bin")):
-            raise ModelLoadError(
-                f"{path} holds only pickle (.bin) weights, which can run arbitrary code when loaded. "
-                "Convert them to safetensors (e.g. `model.save_pretrained(dir, safe_serialization=True)` "
-                "in a trusted environment) and pass the converted folder."
-            )
+        check_hf_folder(path)
         _check_architecture(path, trust_remote_code)
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = _folder_tokenizer(path)
         model = _from_pretrained(AutoModelForCausalLM, path, placement, use_safetensors=True, **kwargs)
         return model, tok, str(model.config.name_or_path or path.resolve())
     try:

@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 
 from refusal_lens import __version__
-from refusal_lens.data import load_builtin, load_instructions, validate_instructions
+from refusal_lens.data import check_disjoint, load_builtin, load_instructions, validate_instructions
 from refusal_lens.directions import Candidates, Direction, candidate_directions
 from refusal_lens.errors import DataError
 from refusal_lens.evaluate import (
@@ -89,19 +89,24 @@ def load_splits(cfg: RunConfig, *, truncate: bool = True) -> Splits:
     """
     splits = Splits()
     limits = {"train": cfg.n_train if truncate else None, "val": cfg.n_val if truncate else None, "test": cfg.n_test}
+    for name, limit in limits.items():
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise DataError(f"n_{name} must be a whole number >= 1 (or None for every {name} prompt), got {limit!r}.")
     for kind, path in (("harmful", cfg.harmful_path), ("harmless", cfg.harmless_path)):
         target = getattr(splits, kind)
         # the whole set first: an instruction repeated across splits would leak train into test
         validate_instructions(load_instructions(path) if path else load_builtin(kind), name=f"{kind} set")
-        for split, limit in limits.items():
+        for split in limits:
             items = load_instructions(path, split=split) if path else load_builtin(kind, split)
-            items = validate_instructions(items, name=f"{kind} {split}", min_count=MIN_PER_SPLIT[split])
-            target[split] = items[:limit] if limit else items
-    for split in limits:
-        both = {x.strip().lower() for x in splits.harmful[split]} & {x.strip().lower() for x in splits.harmless[split]}
-        if both:
-            raise DataError(f"{len(both)} instruction(s) appear in both the harmful and harmless {split} sets, e.g. "
-                            f"{sorted(both)[0]!r}; remove them from one set.")
+            name = f"{kind} {split}" + (f" ({path})" if path else "")
+            target[split] = validate_instructions(items, name=name, min_count=MIN_PER_SPLIT[split])
+    # every split of both sets, before truncation: a harmful train prompt in the harmless test split leaks too
+    check_disjoint({f"{kind} {split}": items for kind in ("harmful", "harmless")
+                    for split, items in getattr(splits, kind).items()})
+    for kind in ("harmful", "harmless"):
+        target = getattr(splits, kind)
+        for split, limit in limits.items():
+            target[split] = target[split][:limit] if limit is not None else target[split]
     return splits
 
 
@@ -169,7 +174,7 @@ def filter_splits(model, splits: Splits, refusal_ids, cfg: RunConfig) -> dict:
                     f"metric {'>' if refused else '<'} 0); at least {MIN_PER_SPLIT[split]} are needed. If this model "
                     "barely refuses there may be no refusal to find; otherwise add prompts, or pass --no-filter "
                     "(filter=False) to use them unfiltered.")
-            target[split] = kept[:limit] if limit else kept
+            target[split] = kept[:limit] if limit is not None else kept
             counts[f"{kind}_{split}"] = {"scored": len(items), "kept": len(kept), "used": len(target[split])}
     return counts
 

@@ -132,10 +132,11 @@ class Selection:
         d["passed_paper_filters"] = self.passed_paper_filters
         return d
 
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(_nan_to_none(self.to_dict()), indent=1))
-        return path
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write JSON atomically; an existing file is replaced only with ``overwrite``, a link never."""
+        from refusal_lens.io import write_text_atomic
+
+        return write_text_atomic(path, json.dumps(_nan_to_none(self.to_dict()), indent=1), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> Selection:

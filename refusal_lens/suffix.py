@@ -187,19 +187,21 @@ class SuffixResult:
     def to_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, **asdict(self)}
 
-    def save(self, path: str | Path) -> Path:
-        """Write JSON (the suffix, its ids, loss history, settings, tokenizer fingerprint)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write JSON (the suffix, its ids, loss history, settings, tokenizer fingerprint) atomically; an
+        existing file is replaced only with ``overwrite``, a symbolic link never."""
+        from refusal_lens.io import write_text_atomic
+
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=1), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> SuffixResult:
         try:
             d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SuffixError(f"Cannot read the suffix file {path}: {e}. Re-run the suffix search.") from e
+        if not isinstance(d, dict):
+            raise SuffixError(f"{path} holds a JSON {type(d).__name__}, not a suffix file written by SuffixResult.save.")
         d.pop("format_version", None)
         try:
             return cls(**d)

@@ -164,7 +164,7 @@ def main() -> None:
     if args.save:
         os.makedirs(args.save, exist_ok=True)
         for name, s in sel.items():
-            s.save(os.path.join(args.save, f"{name}.json"))
+            s.save(os.path.join(args.save, f"{name}.json"), overwrite=True)
         print(f"wrote {args.save}/fast.json and {args.save}/exhaustive.json")
     keys = {k: {(s.layer, s.position) for s in sel[k].scores} for k in sel}
     if keys["fast"] != keys["exhaustive"] or keys["fast"] != set(pool):

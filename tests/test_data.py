@@ -232,9 +232,9 @@ def test_explicit_column(tmp_path):
 
 def test_missing_column_error(tmp_path):
     path = _write_csv(tmp_path / "a.csv", [{"question": t} for t in TEXTS])
-    with pytest.raises(DataError, match=r"could not find an instruction column.*'question'.*--column NAME"):
+    with pytest.raises(DataError, match=r"could not find an instruction column.*'question'.*column=NAME"):
         load_instructions(path)
-    with pytest.raises(DataError, match=r"column 'nope' not found.*--column NAME"):
+    with pytest.raises(DataError, match=r"column 'nope' not found.*column=NAME"):
         load_instructions(path, column="nope")
 
 
@@ -362,7 +362,7 @@ def test_hf_success_and_column_handling(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", _fake_datasets_module(lambda name, split: ds))
     assert load_hf_dataset("someone/prompts") == ["Do a", "Do b"]
     assert load_hf_dataset("someone/prompts", column="target") == ["x", "y"]
-    with pytest.raises(DataError, match=r"column 'nope' not found.*--column NAME"):
+    with pytest.raises(DataError, match=r"column 'nope' not found.*column=NAME"):
         load_hf_dataset("someone/prompts", column="nope")
 
 

@@ -155,8 +155,10 @@ def test_device_map_that_does_not_fit(tmp_path):
 
 
 def test_unsupported_architecture_before_weights(tmp_path):
+    from safetensors.torch import save_file
+
     (tmp_path / "config.json").write_text('{"architectures": ["NoSuchForCausalLM"], "model_type": "nosuch"}')
-    (tmp_path / "model.safetensors").write_bytes(b"")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ModelLoadError, match="NoSuchForCausalLM"):
         models.load_model(tmp_path)
 

@@ -22,8 +22,10 @@ from refusal_lens.errors import DataError
 __all__ = [
     "BUILTIN_KINDS",
     "COLUMN_CANDIDATES",
+    "MAX_INSTRUCTION_CHARS",
     "SPLITS",
     "Instruction",
+    "check_disjoint",
     "load_builtin",
     "load_builtin_records",
     "load_hf_dataset",
@@ -35,6 +37,10 @@ BUILTIN_KINDS: tuple[str, ...] = ("harmful", "harmless")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 COLUMN_CANDIDATES: tuple[str, ...] = ("instruction", "prompt", "goal", "text")
 SUPPORTED_EXTENSIONS: tuple[str, ...] = (".csv", ".json", ".jsonl")
+# Longest instruction accepted, in characters. The built-in ones are at most 104; the paper's datasets a few
+# hundred. A 100,000-character instruction made one forward pass allocate 5.5 GB; longer prompts are refused
+# here, before any model loads, and prompts beyond the model's context are refused once its tokenizer is known.
+MAX_INSTRUCTION_CHARS = 4000
 
 
 @dataclass(frozen=True)
@@ -113,12 +119,42 @@ def validate_instructions(instructions: Iterable[str], *, name: str, min_count: 
             "remove the duplicate lines (comparison ignores case and whitespace)"
         )
 
+    long = [(i, len(t)) for i, t in enumerate(cleaned) if len(t) > MAX_INSTRUCTION_CHARS]
+    if long:
+        i, n = long[0]
+        raise DataError(
+            f"{name}: {len(long)} instruction(s) longer than {MAX_INSTRUCTION_CHARS} characters, e.g. position {i} "
+            f"(0-based) with {n}; shorten or remove them (refusal-lens studies single chat requests, and very "
+            "long prompts take memory quadratic in their length)"
+        )
+
     if len(cleaned) < min_count:
         raise DataError(
             f"{name}: only {len(cleaned)} instruction(s), but at least {min_count} are needed; "
             f"add more instructions or use the built-in set"
         )
     return cleaned
+
+
+def check_disjoint(sets: dict[str, Sequence[str]]) -> None:
+    """Raise :class:`DataError` when an instruction appears in two of ``sets`` (compared ignoring case and
+    whitespace), naming both sets and the instruction.
+
+    ``sets`` maps a name (e.g. ``"harmful train"``) to its instructions; pass every split of both sets, so a
+    harmful train prompt placed in the harmless test split is caught (it would leak into evaluation and be
+    scored with the wrong label).
+    """
+    seen: dict[str, str] = {}
+    for name, items in sets.items():
+        for text in items:
+            key = _normalise(text)
+            other = seen.get(key)
+            if other is not None and other != name:
+                raise DataError(
+                    f"{_preview(text)!r} appears in both the {other} and the {name} instructions; an instruction "
+                    "must be in one set and one split only: remove it from one of them"
+                )
+            seen.setdefault(key, name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,6 +213,10 @@ def load_builtin(kind: Literal["harmful", "harmless"], split: str | None = None)
     """Return the built-in ``harmful`` or ``harmless`` instructions as strings.
 
     ``split`` selects ``"train"``, ``"val"`` or ``"test"``; ``None`` returns all of them.
+
+    Example:
+        >>> harmful_train = load_builtin("harmful", "train")
+        >>> len(harmful_train), harmful_train[0][:30]
     """
     return [r.instruction for r in load_builtin_records(kind, split)]
 
@@ -193,7 +233,7 @@ def _pick_column(available: Sequence[str], column: str | None, source: str) -> s
         if column not in names:
             raise DataError(
                 f"{source}: column {column!r} not found (available: {listing}); "
-                "pass --column NAME with one of the available columns"
+                "pass column=NAME (load_instructions / load_hf_dataset) with one of them"
             )
         return column
     for candidate in COLUMN_CANDIDATES:
@@ -201,7 +241,8 @@ def _pick_column(available: Sequence[str], column: str | None, source: str) -> s
             return candidate
     raise DataError(
         f"{source}: could not find an instruction column among {', '.join(COLUMN_CANDIDATES)} "
-        f"(available: {listing}); pass --column NAME to choose one"
+        f"(available: {listing}); rename the column to 'instruction', or pass column=NAME "
+        "(load_instructions / load_hf_dataset)"
     )
 
 
@@ -213,12 +254,12 @@ def _from_records(records: list[Any], *, source: str, column: str | None, split:
         if column is not None:
             raise DataError(
                 f"{source}: the file is a plain list of strings, so there is no column {column!r}; "
-                "drop --column"
+                "drop column="
             )
         if split is not None:
             raise DataError(
-                f"{source}: the file is a plain list of strings with no 'split' field; "
-                "drop --split or store objects with a 'split' field"
+                f"{source}: the file is a plain list of strings with no 'split' field; store objects "
+                "with an 'instruction' and a 'split' field (train / val / test), or load it without a split"
             )
         return list(records)
     if not all(isinstance(r, dict) for r in records):
@@ -239,7 +280,7 @@ def _from_records(records: list[Any], *, source: str, column: str | None, split:
         if "split" not in keys:
             raise DataError(
                 f"{source}: split {split!r} was requested but the file has no 'split' field; "
-                "drop --split or add a 'split' column"
+                "add a 'split' column (train / val / test), or load it without a split"
             )
         records = [r for r in records if r.get("split") == split]
         if not records:
@@ -264,9 +305,14 @@ def _from_records(records: list[Any], *, source: str, column: str | None, split:
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
-        if reader.fieldnames is None:
-            raise DataError(f"{path}: the CSV file is empty; add a header row and at least one instruction")
-        return [dict(row) for row in reader]
+        try:
+            if reader.fieldnames is None:
+                raise DataError(f"{path}: the CSV file is empty; add a header row and at least one instruction")
+            return [dict(row) for row in reader]
+        except csv.Error as exc:  # e.g. a NUL byte or a field over the size limit: not a text CSV
+            raise DataError(
+                f"{path}: line {reader.line_num} is not valid CSV ({exc}); save the file as UTF-8 CSV text"
+            ) from exc
 
 
 def _read_json(path: Path) -> list[Any]:
@@ -376,6 +422,6 @@ def load_hf_dataset(name: str, *, split: str = "train", column: str | None = Non
         if not isinstance(value, str):
             raise DataError(
                 f"{source}: row {i} column {col!r} is {type(value).__name__}, not text; "
-                "pass --column NAME for a text column"
+                "pass column=NAME for a text column"
             )
     return validate_instructions(values, name=source)
