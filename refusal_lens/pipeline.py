@@ -111,7 +111,7 @@ def load_splits(cfg: RunConfig, *, truncate: bool = True) -> Splits:
 
 
 MIN_REFUSED_SHARE = 0.10  # share of harmful train prompts the model must refuse for a direction worth selecting
-MIN_REFUSAL_RATIO = 2.0  # ... at least this many times the share of harmless train prompts it refuses
+MIN_REFUSAL_RATIO = 1.5  # ... at least this many times the share of harmless train prompts it refuses
 
 
 def check_refuses_enough(refused: int, n_harmful: int, refused_harmless: int, n_harmless: int) -> None:

@@ -29,7 +29,7 @@ def test_barely_refusing_model_is_stopped_with_counts_and_advice():
     with pytest.raises(DataError, match=r"refuses only 6 of the 187 harmful train prompts \(3%.*less than 10%.*"
                                         r"no refusal direction.*--harmful.*--no-filter"):
         check_refuses_enough(6, 187, 2, 190)
-    with pytest.raises(DataError, match=r"40 of the 187.*60 of the 190.*less than 2x as often"):
+    with pytest.raises(DataError, match=r"40 of the 187.*60 of the 190.*less than 1.5x as often"):
         check_refuses_enough(40, 187, 60, 190)  # refuses often, but harmless prompts as often: no signal
 
 
