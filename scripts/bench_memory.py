@@ -63,6 +63,7 @@ def main() -> None:
             cmd += ["--model", args.model]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         rows.append(json.loads(out))
+        print(out, flush=True)  # each row as soon as it is measured
     name = args.model or "embedded qwen2.5-coder-0.5b"
     print(f"{name}: load + extraction ({args.n} + {args.n} prompts), peak RSS / parameter bytes")
     print(f"{'dtype':<10} {'params GB':>9} {'peak GB':>8} {'ratio':>6} {'load s':>7} {'total s':>8}")
