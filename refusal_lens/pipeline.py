@@ -117,6 +117,36 @@ def load_splits(cfg: RunConfig, *, truncate: bool = True) -> Splits:
     return splits
 
 
+MIN_REFUSED_SHARE = 0.10  # share of harmful train prompts the model must refuse for a direction worth selecting
+MIN_REFUSAL_RATIO = 1.5  # ... at least this many times the share of harmless train prompts it refuses
+
+
+def check_refuses_enough(refused: int, n_harmful: int, refused_harmless: int, n_harmless: int) -> None:
+    """Stop a run on a model that barely refuses, after filtering and before extraction.
+
+    Args:
+        refused: harmful train prompts with refusal metric > 0, of ``n_harmful``.
+        refused_harmless: harmless train prompts with refusal metric > 0, of ``n_harmless``.
+
+    Raises:
+        DataError: when less than :data:`MIN_REFUSED_SHARE` of the harmful train prompts are refused, or
+            harmful ones are refused less than :data:`MIN_REFUSAL_RATIO` times as often as harmless ones.
+    """
+    p_h, p_hl = refused / max(n_harmful, 1), refused_harmless / max(n_harmless, 1)
+    if p_h >= MIN_REFUSED_SHARE and p_h >= MIN_REFUSAL_RATIO * p_hl:
+        return
+    why = (f"less than {MIN_REFUSED_SHARE:.0%} of them" if p_h < MIN_REFUSED_SHARE else
+           f"it refuses harmful prompts less than {MIN_REFUSAL_RATIO:g}x as often as harmless ones")
+    raise DataError(
+        f"The model refuses only {refused} of the {n_harmful} harmful train prompts ({p_h:.0%}; refusal metric > 0 "
+        f"on its refusal tokens), and {refused_harmless} of the {n_harmless} harmless ones ({p_hl:.0%}): {why}. "
+        "So there is no refusal direction to select: the harmful-minus-harmless mean would measure the topic "
+        "of the prompts, not a refusal, and any pick would be noise. Try a model that refuses (e.g. -m "
+        "qwen2.5-coder-0.5b), harmful prompts of the kind this model does refuse (--harmful FILE), or study it "
+        "from Python (candidate_directions, direction_attribution, hijack_analysis work on any model); "
+        "--no-filter runs the selection anyway.")
+
+
 def filter_splits(model, splits: Splits, refusal_ids, cfg: RunConfig) -> dict:
     """The paper's filtering of the train and val splits, in place: keep harmful instructions the model
     refuses (refusal metric > 0) and harmless ones it does not (metric < 0), then cut to ``n_train`` /
@@ -130,14 +160,20 @@ def filter_splits(model, splits: Splits, refusal_ids, cfg: RunConfig) -> dict:
         Per set and split: how many were scored, kept by the filter, and used.
 
     Raises:
-        DataError: when fewer than the minimum pass, naming ``--no-filter``.
+        DataError: when the model barely refuses (:func:`check_refuses_enough`), or fewer than the minimum
+            pass, naming ``--no-filter``.
     """
     counts: dict[str, dict[str, int]] = {}
+    kept_by = {(kind, split): filter_by_refusal(model, getattr(splits, kind)[split], refusal_ids, refused=refused,
+                                                batch_size=cfg.batch_size)[0]
+               for kind, refused in (("harmful", True), ("harmless", False)) for split in ("train", "val")}
+    check_refuses_enough(len(kept_by["harmful", "train"]), len(splits.harmful["train"]),
+                         len(splits.harmless["train"]) - len(kept_by["harmless", "train"]), len(splits.harmless["train"]))
     for kind, refused in (("harmful", True), ("harmless", False)):
         target = getattr(splits, kind)
         for split, limit in (("train", cfg.n_train), ("val", cfg.n_val)):
             items = target[split]
-            kept, _ = filter_by_refusal(model, items, refusal_ids, refused=refused, batch_size=cfg.batch_size)
+            kept = kept_by[kind, split]
             if len(kept) < MIN_PER_SPLIT[split]:
                 which = "refuses" if refused else "answers"
                 raise DataError(
