@@ -286,19 +286,22 @@ def extract(
     out: Path = typer.Option(Path("candidates"), "--out", "-o", help="Path stem for candidates.safetensors/.json."),
     n_train: int = typer.Option(128, min=1, help="At most this many train prompts per set."),
     batch_size: int = typer.Option(16, min=1, max=MAX_BATCH_SIZE, help="Prompts per forward pass."),
+    filter: bool = typer.Option(True, "--filter/--no-filter", help="The paper's filtering, as in `run`: use harmful "
+                                "prompts the model refuses and harmless ones it answers (train and val)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
 ) -> None:
-    """Diff-in-means candidates at every layer and post-instruction position (built-in train split)."""
-    from refusal_lens.data import load_builtin
-    from refusal_lens.directions import candidate_directions
+    """Diff-in-means candidates at every layer and post-instruction position (built-in train split), after the
+    same refusal-token search and filtering as `run`."""
     from refusal_lens.io import check_writable
+    from refusal_lens.pipeline import RunConfig, extract_candidates, load_splits, prepare_data
 
     target, _ = _check_pair_out(out, overwrite)
+    cfg = RunConfig(n_train=n_train, batch_size=batch_size, filter=filter)
+    splits = load_splits(cfg, truncate=not filter)
     m = _load(model, False, device, dtype, device_map, max_memory, offload_folder)
     # three fp32 tensors [layer, pos, d_model]; 16 positions bound every chat template's post-instruction tokens
     check_writable(target.parent, need_bytes=3 * 4 * int(m.cfg.n_layers) * 16 * int(m.cfg.d_model) + (1 << 20))
-    c = candidate_directions(m, load_builtin("harmful", "train")[:n_train], load_builtin("harmless", "train")[:n_train],
-                             batch_size=batch_size)
+    c = extract_candidates(m, prepare_data(m, cfg, splits, need_tokens=False), cfg)
     c.save(out, overwrite=overwrite)
     console.print(f"wrote {target} ({c.n_layers} layers x {len(c.positions)} positions)")
 
@@ -316,27 +319,32 @@ def select(
                              "(and <stem>_selection.json)."),
     n_val: int = typer.Option(32, min=1, help="At most this many val prompts per set."),
     strategy: Strategy = typer.Option(Strategy.fast, help="'fast' (screen, then score top-k) or 'exhaustive'."),
+    top_k: int = typer.Option(6, min=1, help="Candidates fully scored after screening (fast strategy)."),
+    max_layer_frac: float = typer.Option(0.8, callback=_layer_fraction,
+                                         help="Only candidates at layers < this fraction of the depth, in (0, 1]."),
+    filter: bool = typer.Option(True, "--filter/--no-filter", help="The paper's filtering, as in `run`: use harmful "
+                                "prompts the model refuses and harmless ones it answers (train and val)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
 ) -> None:
-    """Select one direction by the paper's bypass / induce / KL rule (built-in val split)."""
-    from refusal_lens.data import load_builtin
+    """Select one direction by the paper's bypass / induce / KL rule (built-in val split), after the same
+    refusal-token search and filtering as `run` (which also scores the train split), and choose the addition
+    coefficient on val."""
     from refusal_lens.directions import Candidates
     from refusal_lens.errors import DirectionError
-    from refusal_lens.evaluate import find_refusal_tokens
     from refusal_lens.models import model_id
-    from refusal_lens.selection import select_direction
+    from refusal_lens.pipeline import RunConfig, load_splits, prepare_data, select_and_tune
 
     st, js = _check_pair_out(out, overwrite)
     sel_path = st.with_name(st.name.removesuffix(".safetensors") + "_selection.json")
     _check_pair_out(out, overwrite, sel_path)
     _keep_inputs([st, js, sel_path], [("--model", model), ("CANDIDATES", candidates)])
     cands = Candidates.load(candidates)
+    cfg = RunConfig(n_val=n_val, strategy=strategy.value, top_k=top_k, max_layer_frac=max_layer_frac, filter=filter)
+    splits = load_splits(cfg, truncate=not filter)
     m = _load(model, False, device, dtype, device_map, max_memory, offload_folder)
     if cands.model_id != model_id(m) or cands.diffs.shape[-1] != m.cfg.d_model:
         raise DirectionError(f"{candidates} belongs to {cands.model_id!r}, not {model_id(m)!r}; pass the matching --model.")
-    rt = find_refusal_tokens(m, load_builtin("harmful", "train")[:32])
-    d, sel = select_direction(m, cands, load_builtin("harmful", "val")[:n_val], load_builtin("harmless", "val")[:n_val],
-                              rt.ids, strategy=strategy.value)
+    d, sel, _ = select_and_tune(m, cands, prepare_data(m, cfg, splits), cfg)
     d.save(out, overwrite=overwrite)
     sel.save(sel_path, overwrite=overwrite)
     console.print(f"selected layer {d.layer}, position {d.position} ({sel.rule_text}) -> {st}")

@@ -30,10 +30,8 @@ from refusal_lens import __version__
 from refusal_lens.data import load_builtin_records
 from refusal_lens.data.external import load_harmbench, mmlu_jsonl
 from refusal_lens.evaluate import (
-    RefusalTokens,
     coherence,
     completion_ce,
-    find_refusal_tokens,
     is_refusal,
     kl_last,
     last_logits,
@@ -209,7 +207,7 @@ def run_compare(model, out: str | Path, cfg: CompareConfig | None = None, *, ove
                 export_all: str | Path | None = None) -> CompareResult:
     """Compare the edit methods of ``cfg.methods`` on one model; write the folder ``out`` (see module doc)."""
     from refusal_lens.directions import candidate_directions
-    from refusal_lens.pipeline import filter_splits, load_splits
+    from refusal_lens.pipeline import load_splits, prepare_data
     from refusal_lens.selection import select_direction
 
     cfg = cfg or CompareConfig()
@@ -228,12 +226,8 @@ def run_compare(model, out: str | Path, cfg: CompareConfig | None = None, *, ove
     with torch.no_grad(), atomic_dir(out, overwrite=overwrite) as tmp:
         t = time.perf_counter()
         console.print("[bold]1/4 extract and select[/] (once, for every method)")
-        if cfg.refusal_ids:
-            tok = model.tokenizer
-            rtoks = RefusalTokens(list(cfg.refusal_ids), [tok.decode([i]) for i in cfg.refusal_ids], math.nan, 0)
-        else:
-            rtoks = find_refusal_tokens(model, splits.harmful["train"][:32], batch_size=cfg.batch_size)
-        filtering = filter_splits(model, splits, rtoks.ids, rc) if cfg.filter else None
+        data = prepare_data(model, rc, splits)  # the same first step as `run`
+        rtoks, filtering = data.refusal_tokens, data.filtering
         cands = candidate_directions(model, splits.harmful["train"], splits.harmless["train"], batch_size=cfg.batch_size)
         direction, selection = select_direction(model, cands, splits.harmful["val"], splits.harmless["val"], rtoks.ids,
                                                 strategy=cfg.strategy, top_k=cfg.top_k, batch_size=cfg.batch_size,

@@ -38,7 +38,6 @@ from refusal_lens.evaluate import (
     find_refusal_tokens,
     kl_last,
     last_logits,
-    refusal_metric_from_logits,
     refusal_score,
 )
 from refusal_lens.interventions import generate
@@ -46,13 +45,10 @@ from refusal_lens.io import atomic_dir, check_output_dir
 from refusal_lens.jsonio import json_safe
 from refusal_lens.models import model_id
 from refusal_lens.report import write_run_report
-from refusal_lens.selection import Selection, select_direction
+from refusal_lens.selection import Selection, choose_addition_coeff, select_direction
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=True, soft_wrap=True)
-
-ADD_COEFFS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
-
 
 @dataclass
 class RunConfig:
@@ -186,23 +182,64 @@ def filter_splits(model, splits: Splits, refusal_ids, cfg: RunConfig) -> dict:
     return counts
 
 
-def choose_addition_coeff(model, direction: Direction, harmless_val: list[str], refusal_ids, target: float,
-                          batch_size: int) -> tuple[float, dict]:
-    """Smallest coefficient in :data:`ADD_COEFFS` whose share of harmless val prompts with refusal
-    metric > 0 reaches ``target`` (one forward pass per coefficient; no generation).
+@dataclass
+class PreparedData:
+    """What every step starts from: the splits (train and val filtered when ``cfg.filter``), the model's
+    refusal tokens, and the filtering counts (``None`` without filtering)."""
 
-    When none reaches it, the coefficient with the highest share (the smallest among ties): large
-    coefficients break the model (the share falls again as the output turns to noise), so the last
-    coefficient tried is not a safe default.
+    splits: Splits
+    refusal_tokens: RefusalTokens | None
+    filtering: dict | None
+
+
+def prepare_data(model, cfg: RunConfig, splits: Splits | None = None, *, need_tokens: bool = True) -> PreparedData:
+    """The first step of ``run``, ``extract``, ``select`` and ``compare`` alike: load the splits (unless
+    given, e.g. already validated before the model loaded), find the refusal tokens from the model's own
+    refusals (or take ``cfg.refusal_ids``), and apply the paper's filtering when ``cfg.filter``.
+
+    ``need_tokens=False`` skips the refusal-token search when filtering is off (extraction alone needs none).
     """
-    shares = {}
-    for c in ADD_COEFFS:
-        logits = last_logits(model, harmless_val, interventions=direction.add(model, c), batch_size=batch_size)
-        m = refusal_metric_from_logits(logits, refusal_ids)
-        shares[c] = float((m > 0).float().mean())
-        if shares[c] >= target:
-            return c, shares
-    return max(shares, key=lambda c: (shares[c], -c)), shares
+    splits = splits if splits is not None else load_splits(cfg, truncate=not cfg.filter)
+    if not (need_tokens or cfg.filter):
+        return PreparedData(splits, None, None)
+    if cfg.refusal_ids:
+        tok = model.tokenizer
+        rtoks = RefusalTokens(list(cfg.refusal_ids), [tok.decode([i]) for i in cfg.refusal_ids], math.nan, 0)
+    else:
+        rtoks = find_refusal_tokens(model, splits.harmful["train"][:32], batch_size=cfg.batch_size)
+    filtering = filter_splits(model, splits, rtoks.ids, cfg) if cfg.filter else None
+    if filtering:
+        console.print("  kept " + ", ".join(f"{k.replace('_', ' ')} {v['kept']}/{v['scored']}"
+                                            for k, v in filtering.items()))
+    return PreparedData(splits, rtoks, filtering)
+
+
+def extract_candidates(model, data: PreparedData, cfg: RunConfig) -> Candidates:
+    """Diff-in-means candidates on the (filtered) train split, with the run's provenance."""
+    splits = data.splits
+    console.print(f"  diff-in-means on {len(splits.harmful['train'])} harmful + "
+                  f"{len(splits.harmless['train'])} harmless train prompts")
+    cands = candidate_directions(model, splits.harmful["train"], splits.harmless["train"], batch_size=cfg.batch_size)
+    cands.provenance.update(split="train", data=cfg.harmful_path or "built-in", version=__version__,
+                            filtering=data.filtering)
+    return cands
+
+
+def select_and_tune(model, cands: Candidates, data: PreparedData, cfg: RunConfig) -> tuple[Direction, Selection, float]:
+    """The paper's selection on the (filtered) val split, then the addition coefficient chosen on val;
+    the direction's provenance records both. Returns ``(direction, selection, addition coefficient)``."""
+    splits, rtoks = data.splits, data.refusal_tokens
+    direction, selection = select_direction(
+        model, cands, splits.harmful["val"], splits.harmless["val"], rtoks.ids, strategy=cfg.strategy,
+        max_layer_frac=cfg.max_layer_frac, top_k=cfg.top_k, n_screen=cfg.n_screen, batch_size=cfg.batch_size)
+    selection.config["refusal_tokens"] = asdict(rtoks)
+    selection.config["filtering"] = data.filtering
+    coeff, shares = choose_addition_coeff(model, direction, splits.harmless["val"], rtoks.ids,
+                                          cfg.target_induced_refusal, cfg.batch_size)
+    selection.config["addition_coeff_search"] = {"chosen": coeff, "share_metric_positive_by_coeff": shares}
+    direction.provenance.update(refusal_tokens=rtoks.strings, addition_coeff=coeff, run_config=asdict(cfg),
+                                filtering=data.filtering)
+    return direction, selection, coeff
 
 
 def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids, tuned_coeff: float,
@@ -340,34 +377,14 @@ def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwr
         t = time.perf_counter()
         console.print("[bold]1/4 extract[/]: refusal tokens from the model's own refusals"
                       + (", the paper's filtering of train and val" if cfg.filter else "") + ", diff-in-means")
-        if cfg.refusal_ids:
-            tok = model.tokenizer
-            rtoks = RefusalTokens(list(cfg.refusal_ids), [tok.decode([i]) for i in cfg.refusal_ids], math.nan, 0)
-        else:
-            rtoks = find_refusal_tokens(model, splits.harmful["train"][:32], batch_size=cfg.batch_size)
-        filtering = filter_splits(model, splits, rtoks.ids, cfg) if cfg.filter else None
-        if filtering:
-            console.print("  kept " + ", ".join(f"{k.replace('_', ' ')} {v['kept']}/{v['scored']}"
-                                                for k, v in filtering.items()))
-        console.print(f"  diff-in-means on {len(splits.harmful['train'])} harmful + "
-                      f"{len(splits.harmless['train'])} harmless train prompts")
-        cands = candidate_directions(model, splits.harmful["train"], splits.harmless["train"], batch_size=cfg.batch_size)
-        cands.provenance.update(split="train", data=cfg.harmful_path or "built-in", version=__version__,
-                                filtering=filtering)
+        data = prepare_data(model, cfg, splits)
+        rtoks, filtering = data.refusal_tokens, data.filtering
+        cands = extract_candidates(model, data, cfg)
         lap("extract", t)
 
         t = time.perf_counter()
         console.print("[bold]2/4 select[/]: bypass / induce / KL on the val split")
-        direction, selection = select_direction(
-            model, cands, splits.harmful["val"], splits.harmless["val"], rtoks.ids, strategy=cfg.strategy,
-            max_layer_frac=cfg.max_layer_frac, top_k=cfg.top_k, n_screen=cfg.n_screen, batch_size=cfg.batch_size)
-        selection.config["refusal_tokens"] = asdict(rtoks)
-        selection.config["filtering"] = filtering
-        coeff, shares = choose_addition_coeff(model, direction, splits.harmless["val"], rtoks.ids,
-                                              cfg.target_induced_refusal, cfg.batch_size)
-        selection.config["addition_coeff_search"] = {"chosen": coeff, "share_metric_positive_by_coeff": shares}
-        direction.provenance.update(refusal_tokens=rtoks.strings, addition_coeff=coeff, run_config=asdict(cfg),
-                                    filtering=filtering)
+        direction, selection, coeff = select_and_tune(model, cands, data, cfg)
         lap("select", t)
         console.print(f"  selected layer {direction.layer}, position {direction.position} ({selection.rule_text})")
 

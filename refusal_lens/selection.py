@@ -372,3 +372,29 @@ def select_direction(
     direction.provenance.update(selection={"rule": FALLBACKS[rule], "bypass": best.bypass, "induce": best.induce,
                                            "kl": best.kl, "strategy": strategy})
     return direction, selection
+
+
+# --------------------------------------------------------------------------------------------------
+# The addition coefficient (the paper's induce step, when coefficient 1 induces too little)
+# --------------------------------------------------------------------------------------------------
+
+ADD_COEFFS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+
+
+def choose_addition_coeff(model, direction: Direction, harmless_val: list[str], refusal_ids, target: float,
+                          batch_size: int) -> tuple[float, dict]:
+    """Smallest coefficient in :data:`ADD_COEFFS` whose share of harmless val prompts with refusal
+    metric > 0 reaches ``target`` (one forward pass per coefficient; no generation).
+
+    When none reaches it, the coefficient with the highest share (the smallest among ties): large
+    coefficients break the model (the share falls again as the output turns to noise), so the last
+    coefficient tried is not a safe default.
+    """
+    shares = {}
+    for c in ADD_COEFFS:
+        logits = last_logits(model, harmless_val, interventions=direction.add(model, c), batch_size=batch_size)
+        m = refusal_metric_from_logits(logits, refusal_ids)
+        shares[c] = float((m > 0).float().mean())
+        if shares[c] >= target:
+            return c, shares
+    return max(shares, key=lambda c: (shares[c], -c)), shares

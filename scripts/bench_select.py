@@ -10,12 +10,13 @@ not timed in the ratio), the same candidate pool and the same val prompts:
   bypass, a KL screen on ``n_screen`` harmless val prompts runs on the best position of each layer and on
   the ``2 * top_k`` best candidates, and ``top_k`` candidates get the full scores.
 
-The default is the paper's whole pool (all layers below 0.8 L, all 5 post-instruction positions: 90
-valid candidates) with 16 + 16 built-in val prompts, unfiltered (``refusal-lens run`` first keeps only the
-harmful prompts the model refuses and the harmless ones it answers, so its pick may differ), about 10
-minutes on 2 cores; ``--n-val 32`` is the size
-``refusal-lens run`` uses (about twice as long), ``--layers 8-18`` a subset. With a subset the output also
-estimates the ratio for the full pool (the exhaustive cost grows with the pool, the fast cost barely does).
+The data are ``refusal-lens run``'s: its own first steps (``pipeline.prepare_data`` and
+``extract_candidates``: refusal tokens, the paper's filtering of train and val, diff-in-means) with its
+defaults (128 train and 32 val prompts per set before filtering; ``--no-filter`` skips the filtering), and
+the paper's whole pool (all layers below 0.8 L, all 5 post-instruction positions). ``--layers 8-18`` scores a
+subset; the output then also estimates the ratio for the full pool (the exhaustive cost grows with the
+pool, the fast cost barely does). The README's 7.9x figure was measured before this script used run's
+data (64 + 16 unfiltered prompts); it has not been re-measured with these defaults.
 
 Prints each strategy's pick (layer, position), rule and seconds, whether the picks agree, the rank of
 the exhaustive pick in the screen's ordering, and the rank correlation of the screen with the exact
@@ -24,9 +25,10 @@ bypass score. With ``--repeats`` > 1 the two strategies alternate order (medians
 
 Usage::
 
-    .venv/bin/python scripts/bench_select.py [--quick] [--layers all] [--n-val 16] [--repeats 1]
+    .venv/bin/python scripts/bench_select.py [--quick] [--layers all] [--n-val 32] [--no-filter] [--repeats 1]
 
-Not a test: the default takes about 10 minutes on 2 cores; ``--quick`` checks that the script works.
+Not a test: the default takes many minutes on 2 cores; ``--quick`` (unfiltered, tiny sizes) checks that the
+script works.
 """
 
 from __future__ import annotations
@@ -85,8 +87,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (< 1 minute): checks that the script works")
     ap.add_argument("--repeats", type=int, default=1, help="timed repeats of each strategy, alternating (default 1)")
     ap.add_argument("--layers", default=None, help="candidate layers A-B inclusive, or 'all' (default all)")
-    ap.add_argument("--n-val", type=int, default=None, help="harmful and as many harmless val prompts (default 16)")
-    ap.add_argument("--n-train", type=int, default=None, help="train prompts per set for extraction (default 64)")
+    ap.add_argument("--n-val", type=int, default=None, help="at most this many val prompts per set (default: run's, 32)")
+    ap.add_argument("--n-train", type=int, default=None, help="at most this many train prompts per set (default: run's, 128)")
+    ap.add_argument("--no-filter", action="store_true", help="skip the paper's filtering (on by default, as in `run`; "
+                    "--quick always skips it)")
     ap.add_argument("--top-k", type=int, default=None, help="fast selection's fully scored candidates (default: the library's, 6)")
     ap.add_argument("--screen", default="gradient", choices=["gradient", "exact"], help="fast selection's screen")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -97,15 +101,14 @@ def main() -> None:
                     help="also write each strategy's selection (every candidate's scores) as DIR/<strategy>.json")
     args = ap.parse_args()
     layers = parse_layers(args.layers or ("12-13" if args.quick else "all"))
-    n_val = args.n_val or (2 if args.quick else 16)
-    n_train = args.n_train or (8 if args.quick else 64)
+    from refusal_lens.pipeline import RunConfig, extract_candidates, prepare_data
+
+    n_val = args.n_val or (2 if args.quick else RunConfig.n_val)
+    n_train = args.n_train or (8 if args.quick else RunConfig.n_train)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    from refusal_lens.data import load_builtin
-    from refusal_lens.directions import candidate_directions
-    from refusal_lens.evaluate import find_refusal_tokens
     from refusal_lens.models import load_model
     from refusal_lens.selection import select_direction
 
@@ -116,23 +119,19 @@ def main() -> None:
     model = load_model()
     print(f"loaded the bridge in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    # shared, untimed: candidates, refusal tokens, val prompts
+    # shared, untimed: run's own first two steps (refusal tokens, the paper's filtering, extraction)
     t0 = time.perf_counter()
-    cands = candidate_directions(model, load_builtin("harmful", "train")[:n_train],
-                                 load_builtin("harmless", "train")[:n_train], batch_size=args.batch_size,
-                                 progress=False)
-    print(f"shared extraction: {n_train} + {n_train} train prompts, {cands.n_layers} layers x "
-          f"{len(cands.positions)} positions in {time.perf_counter() - t0:.1f} s (not timed below)", flush=True)
-    if args.refusal_ids:
-        refusal_ids = [int(x) for x in args.refusal_ids.split(",")]
-    else:
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # its progress bar
-            rt = find_refusal_tokens(model, load_builtin("harmful", "train")[: 8 if args.quick else 16],
-                                     batch_size=args.batch_size)
-        refusal_ids = rt.ids
+    cfg = RunConfig(n_train=n_train, n_val=n_val, batch_size=args.batch_size, filter=not (args.no_filter or args.quick),
+                    refusal_ids=[int(x) for x in args.refusal_ids.split(",")] if args.refusal_ids else None)
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):  # their progress bars
+        data = prepare_data(model, cfg)
+        cands = extract_candidates(model, data, cfg)
+    refusal_ids = data.refusal_tokens.ids
+    harmful_val, harmless_val = data.splits.harmful["val"], data.splits.harmless["val"]
+    print(f"shared steps of `run` (filtering {'on' if cfg.filter else 'off'}): {len(data.splits.harmful['train'])} + "
+          f"{len(data.splits.harmless['train'])} train prompts, {cands.n_layers} layers x {len(cands.positions)} "
+          f"positions in {time.perf_counter() - t0:.1f} s (not timed below)", flush=True)
     print(f"refusal tokens: {refusal_ids} {[model.tokenizer.decode([i]) for i in refusal_ids]}", flush=True)
-    harmful_val = load_builtin("harmful", "val")[:n_val]
-    harmless_val = load_builtin("harmless", "val")[:n_val]
 
     n_layers = cands.n_layers
     max_layer = int(0.8 * n_layers)

@@ -116,7 +116,8 @@ def test_library_saves_are_atomic_and_refuse_existing(tmp_path):
 
 
 def test_out_with_a_dot_keeps_its_name(tiny, tmp_path, capsys):
-    assert main(["extract", "-m", tiny, "--n-train", "4", "--batch-size", "4", "--out", str(tmp_path / "qwen2.5")]) == 0
+    assert main(["extract", "-m", tiny, "--n-train", "4", "--batch-size", "4", "--no-filter",
+                 "--out", str(tmp_path / "qwen2.5")]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["qwen2.5.json", "qwen2.5.safetensors"], names
     c = Candidates.load(tmp_path / "qwen2.5")

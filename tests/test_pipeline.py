@@ -196,7 +196,7 @@ def test_addition_coefficient_falls_back_to_best_share(tiny_llama, monkeypatch):
     """When no coefficient reaches the target, the best one is kept, not the largest (which breaks models)."""
     import torch
 
-    import refusal_lens.pipeline as pl
+    import refusal_lens.selection as sel
     from refusal_lens.directions import Direction
 
     d = Direction(torch.ones(tiny_llama.cfg.d_model), 1, -1, tiny_llama.refusal_lens_id, norm=2.0)
@@ -205,10 +205,10 @@ def test_addition_coefficient_falls_back_to_best_share(tiny_llama, monkeypatch):
         k = round(next(shares) * 10)
         return torch.tensor([1.0] * k + [-1.0] * (10 - k))
 
-    monkeypatch.setattr(pl, "refusal_metric_from_logits", fake_metric)
-    coeff, table = pl.choose_addition_coeff(tiny_llama, d, ["a", "b"], [1], target=0.7, batch_size=2)
-    assert len(table) == len(pl.ADD_COEFFS)
-    assert coeff == pl.ADD_COEFFS[2]
+    monkeypatch.setattr(sel, "refusal_metric_from_logits", fake_metric)
+    coeff, table = sel.choose_addition_coeff(tiny_llama, d, ["a", "b"], [1], target=0.7, batch_size=2)
+    assert len(table) == len(sel.ADD_COEFFS)
+    assert coeff == sel.ADD_COEFFS[2]
 
 
 def test_filter_by_refusal_keeps_by_the_sign_of_the_metric(tiny_llama, monkeypatch):
@@ -259,3 +259,42 @@ def test_filter_that_leaves_too_few_names_no_filter(tiny_llama, tmp_path):
     with pytest.raises(DataError, match="--no-filter"):
         run_pipeline(tiny_llama, tmp_path / "run", _cfg(tmp_path, filter=True))
     assert not (tmp_path / "run").exists()
+
+
+def test_step_commands_take_the_same_steps_as_run(tmp_path, monkeypatch):
+    """`extract` and `select` go through run's prepare_data (refusal tokens + the paper's filtering, on by
+    default) and its extraction / selection steps, so a step-by-step result equals the run's."""
+    import refusal_lens.pipeline as pl
+    from refusal_lens.directions import Candidates, Direction
+    from refusal_lens.evaluate import RefusalTokens
+
+    calls = []
+
+    def fake_tokens(model, harmful, **kw):
+        return RefusalTokens([5, 9], ["a", "b"], 1.0, len(harmful))
+
+    def fake_filter(model, splits, ids, cfg):  # keep a fixed subset, as filtering would
+        calls.append(cfg.filter)
+        for kind in ("harmful", "harmless"):
+            target = getattr(splits, kind)
+            target["train"], target["val"] = target["train"][1:9], target["val"][1:5]
+        return {"harmful_train": {"scored": 9, "kept": 8, "used": 8}}
+
+    tiny = str(save_tiny("qwen2", tmp_path / "model"))
+    monkeypatch.setattr(pl, "find_refusal_tokens", fake_tokens)
+    monkeypatch.setattr(pl, "filter_splits", fake_filter)
+    assert main(["extract", "-m", tiny, "--batch-size", "4", "--out", str(tmp_path / "c")]) == 0
+    assert main(["select", str(tmp_path / "c.safetensors"), "-m", tiny, "--strategy", "exhaustive",
+                 "--max-layer-frac", "1", "--out", str(tmp_path / "d")]) == 0
+    assert calls == [True, True]
+    cfg = RunConfig(batch_size=4, strategy="exhaustive", max_layer_frac=1.0, max_new_tokens=2, n_test=2,
+                    mmlu_per_subject=0)
+    from refusal_lens.models import load_model
+
+    res = run_pipeline(load_model(tiny), tmp_path / "run", cfg)
+    step = Candidates.load(tmp_path / "c")
+    assert torch.allclose(step.diffs, res.candidates.diffs, atol=1e-6)
+    assert step.provenance["filtering"] == res.candidates.provenance["filtering"]
+    d = Direction.load(tmp_path / "d")
+    assert (d.layer, d.position) == (res.direction.layer, res.direction.position)
+    assert d.provenance["addition_coeff"] == res.direction.provenance["addition_coeff"]
