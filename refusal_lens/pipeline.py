@@ -17,11 +17,14 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
 
 from refusal_lens import __version__
 from refusal_lens.data import check_disjoint, load_builtin, load_instructions, validate_instructions
@@ -47,6 +50,56 @@ logger = logging.getLogger(__name__)
 console = Console(stderr=True, soft_wrap=True)
 
 ADD_COEFFS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+
+PHASES = ("extract", "select", "evaluate_generate", "evaluate_score", "report")
+PHASE_TEXT = {
+    "extract": "refusal tokens, filtering of train and val, diff-in-means",
+    "select": "bypass / induce / KL on val, addition-coefficient search",
+    "evaluate_generate": "greedy completions of the test split under each condition",
+    "evaluate_score": "coherence, KL and CE under the base model",
+    "report": "completions, evaluation.json, report.html",
+}
+
+
+class Phases:
+    """Wall time of a run's phases (:data:`PHASES`), in seconds, as ``evaluation.json``'s ``timings_s`` keeps them.
+
+    :meth:`start` ends the open phase (if any) and opens the next; ``on_start(name)`` is told first
+    (``scripts/bench_run.py`` attributes its FLOP counts with it).
+    """
+
+    def __init__(self, on_start: Callable[[str], None] | None = None):
+        self.seconds: dict[str, float] = {}
+        self.on_start = on_start
+        self._open: tuple[str, float] | None = None
+
+    def start(self, name: str) -> None:
+        self.stop()
+        if self.on_start is not None:
+            self.on_start(name)
+        self._open = (name, time.perf_counter())
+
+    def stop(self) -> None:
+        """End the open phase, record its time and say so."""
+        if self._open is None:
+            return
+        name, t = self._open
+        self._open = None
+        self.seconds[name] = round(time.perf_counter() - t, 1)
+        console.print(f"[green]done[/] {name} in {self.seconds[name]:.0f} s")
+
+
+def timings_table(timings: dict[str, float]) -> Table:
+    """A rich table of a run's phase times (``evaluation.json``'s ``timings_s``)."""
+    table = Table(title="time per phase", title_justify="left")
+    table.add_column("phase")
+    table.add_column("seconds", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("what it does")
+    total = sum(timings.values()) or 1.0
+    for name, sec in timings.items():
+        table.add_row(name, f"{sec:.1f}", f"{sec / total:.0%}", PHASE_TEXT.get(name, ""))
+    return table
 
 
 @dataclass
@@ -130,7 +183,8 @@ def filter_splits(model, splits: Splits, refusal_ids, cfg: RunConfig) -> dict:
         target = getattr(splits, kind)
         for split, limit in (("train", cfg.n_train), ("val", cfg.n_val)):
             items = target[split]
-            kept, _ = filter_by_refusal(model, items, refusal_ids, refused=refused, batch_size=cfg.batch_size)
+            kept, _ = filter_by_refusal(model, items, refusal_ids, refused=refused, batch_size=cfg.batch_size,
+                                        desc=f"filtering {kind} {split}")
             if len(kept) < MIN_PER_SPLIT[split]:
                 which = "refuses" if refused else "answers"
                 raise DataError(
@@ -144,7 +198,7 @@ def filter_splits(model, splits: Splits, refusal_ids, cfg: RunConfig) -> dict:
 
 
 def choose_addition_coeff(model, direction: Direction, harmless_val: list[str], refusal_ids, target: float,
-                          batch_size: int) -> tuple[float, dict]:
+                          batch_size: int, progress: bool = True) -> tuple[float, dict]:
     """Smallest coefficient in :data:`ADD_COEFFS` whose share of harmless val prompts with refusal
     metric > 0 reaches ``target`` (one forward pass per coefficient; no generation).
 
@@ -153,7 +207,7 @@ def choose_addition_coeff(model, direction: Direction, harmless_val: list[str], 
     coefficient tried is not a safe default.
     """
     shares = {}
-    for c in ADD_COEFFS:
+    for c in tqdm(ADD_COEFFS, desc="addition coefficient", disable=not progress, leave=False):
         logits = last_logits(model, harmless_val, interventions=direction.add(model, c), batch_size=batch_size)
         m = refusal_metric_from_logits(logits, refusal_ids)
         shares[c] = float((m > 0).float().mean())
@@ -163,8 +217,9 @@ def choose_addition_coeff(model, direction: Direction, harmless_val: list[str], 
 
 
 def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids, tuned_coeff: float,
-                       cfg: RunConfig) -> tuple[dict, list[dict]]:
-    """Generate on the test split under each condition and score refusal, coherence, KL and CE."""
+                       cfg: RunConfig, phases: Phases | None = None) -> tuple[dict, list[dict]]:
+    """Generate on the test split under each condition and score refusal, coherence, KL and CE
+    (``phases``, when given, times the generation and the scoring apart)."""
     harmful, harmless = splits.harmful["test"], splits.harmless["test"]
     gen = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
     conditions: dict[str, tuple[list[str], list]] = {
@@ -182,16 +237,21 @@ def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids,
         console.print(f"  generating: {name} ({len(prompts)} prompts)")
         completions[name] = generate(model, prompts, interventions=ivs, desc=name, **gen)
         results[name] = {"refusal_score": refusal_score(completions[name]), "n": len(prompts)}
+    if phases is not None:
+        phases.start("evaluate_score")
+    console.print("  scoring under the base model: coherence of the ablated completions, KL and CE on harmless test")
     for name in ("harmful_ablated", "harmless_ablated"):
         prompts = conditions[name][0]
-        coh = coherence(model, prompts, completions[name], batch_size=cfg.batch_size)
+        coh = coherence(model, prompts, completions[name], batch_size=cfg.batch_size, desc=f"coherence {name}")
         results[name].update(coherent_fraction=coh.fraction, median_perplexity=coh.summary["median_perplexity"],
                              mean_repetition=coh.summary["mean_repetition"])
-    base = last_logits(model, harmless, batch_size=cfg.batch_size)
-    abl = last_logits(model, harmless, interventions=direction.ablate(model), batch_size=cfg.batch_size)
-    ce_base = completion_ce(model, harmless, completions["harmless_baseline"], batch_size=cfg.batch_size)
+    base = last_logits(model, harmless, batch_size=cfg.batch_size, progress=True, desc="KL: base logits")
+    abl = last_logits(model, harmless, interventions=direction.ablate(model), batch_size=cfg.batch_size,
+                      progress=True, desc="KL: ablated logits")
+    ce_base = completion_ce(model, harmless, completions["harmless_baseline"], batch_size=cfg.batch_size,
+                            desc="CE baseline")
     ce_abl = completion_ce(model, harmless, completions["harmless_baseline"], batch_size=cfg.batch_size,
-                           interventions=direction.ablate(model))
+                           interventions=direction.ablate(model), desc="CE ablated")
     evaluation = {
         "conditions": results,
         "kl_harmless_test_last_token": kl_last(base, abl),
@@ -218,23 +278,24 @@ class RunResult:
 
 
 def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwrite: bool = False,
-                 export_dir: str | Path | None = None) -> RunResult:
-    """Extract, select, evaluate on the test split, and write the run folder ``out`` (see module doc)."""
+                 export_dir: str | Path | None = None, phases: Phases | None = None) -> RunResult:
+    """Extract, select, evaluate on the test split, and write the run folder ``out`` (see module doc).
+
+    ``phases`` (optional) receives the time of each phase of :data:`PHASES` (as ``RunResult.timings`` and
+    ``evaluation.json``'s ``timings_s`` do).
+    """
     cfg = cfg or RunConfig()
     check_output_dir(out, overwrite)
     if export_dir is not None:
         check_output_dir(export_dir, overwrite)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def lap(name: str, start: float) -> None:
-        timings[name] = round(time.perf_counter() - start, 1)
-        console.print(f"[green]done[/] {name} in {timings[name]:.0f} s")
+    phases = phases if phases is not None else Phases()
+    timings = phases.seconds
 
     splits = load_splits(cfg, truncate=not cfg.filter)
     with torch.no_grad(), atomic_dir(out, overwrite=overwrite) as tmp:
-        t = time.perf_counter()
+        phases.start("extract")
         console.print("[bold]1/4 extract[/]: refusal tokens from the model's own refusals"
                       + (", the paper's filtering of train and val" if cfg.filter else "") + ", diff-in-means")
         if cfg.refusal_ids:
@@ -252,9 +313,8 @@ def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwr
         cands.provenance.update(split="train", data=cfg.harmful_path or "built-in", version=__version__,
                                 filtering=filtering)
         cands.save(tmp / "candidates")
-        lap("extract", t)
 
-        t = time.perf_counter()
+        phases.start("select")
         console.print("[bold]2/4 select[/]: bypass / induce / KL on the val split")
         direction, selection = select_direction(
             model, cands, splits.harmful["val"], splits.harmless["val"], rtoks.ids, strategy=cfg.strategy,
@@ -268,27 +328,27 @@ def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwr
                                     filtering=filtering)
         direction.save(tmp / "direction")
         selection.save(tmp / "selection.json")
-        lap("select", t)
+        phases.stop()
         console.print(f"  selected layer {direction.layer}, position {direction.position} ({selection.rule_text})")
 
-        t = time.perf_counter()
+        phases.start("evaluate_generate")
         console.print("[bold]3/4 evaluate[/] on the test split")
-        evaluation, rows = evaluate_direction(model, direction, splits, rtoks.ids, coeff, cfg)
+        evaluation, rows = evaluate_direction(model, direction, splits, rtoks.ids, coeff, cfg, phases)
         evaluation.update(model_id=model_id(model), direction={"layer": direction.layer, "position": direction.position},
                           filtering=filtering,
                           selection_rule=selection.rule_text, passed_paper_filters=selection.passed_paper_filters,
                           refusal_tokens=rtoks.strings)
-        lap("evaluate", t)
 
-        t = time.perf_counter()
+        phases.start("report")
         with open(tmp / "completions.jsonl", "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
         evaluation["timings_s"] = timings
         evaluation["seconds_total"] = round(time.perf_counter() - t0, 1)
-        (tmp / "evaluation.json").write_text(json.dumps(_clean(evaluation), indent=1))
         write_run_report(tmp / "report.html", direction, selection, evaluation, rows)
-        lap("report", t)
+        phases.stop()  # evaluation.json last, so that it keeps the report's time too
+        evaluation["seconds_total"] = round(time.perf_counter() - t0, 1)
+        (tmp / "evaluation.json").write_text(json.dumps(_clean(evaluation), indent=1))
     result = RunResult(Path(out), direction, selection, evaluation, time.perf_counter() - t0, timings)
     if export_dir is not None:
         from refusal_lens.export import export

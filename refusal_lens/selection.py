@@ -212,7 +212,7 @@ def _write_hooks(model) -> list[str]:
 
 
 def gradient_screen_matrix(model, prompts: Sequence[str], refusal_ids: Sequence[int], *,
-                           batch_size: int = 8) -> tuple[torch.Tensor, float]:
+                           batch_size: int = 8, progress: bool = True) -> tuple[torch.Tensor, float]:
     """``M = sum_c g_c w_c^T / n`` over residual writes ``w_c`` and the gradients ``g_c`` of the mean
     refusal metric there; ``-r^T M r`` estimates the change of the bypass score when ``r`` is ablated.
 
@@ -237,7 +237,8 @@ def gradient_screen_matrix(model, prompts: Sequence[str], refusal_ids: Sequence[
     for p in params:  # only activation gradients are needed: no weight gradients (a third of the cost)
         p.requires_grad_(False)
     try:
-        for b in batches(model.tokenizer, prompts, batch_size):
+        for b in tqdm(list(batches(model.tokenizer, prompts, batch_size)), desc="gradient screen", disable=not progress,
+                      leave=False):
             acts.clear()
             total_metric += _accumulate_screen(model, b, names, keep, acts, refusal_ids, n, M)
     finally:
@@ -339,7 +340,7 @@ def select_direction(
     if strategy == "fast" and len(pool) > top_k:
         if screen == "gradient":
             M, base_metric = gradient_screen_matrix(model, list(harmful_val), refusal_ids,
-                                                    batch_size=max(1, batch_size // 2))
+                                                    batch_size=max(1, batch_size // 2), progress=progress)
             for layer, pos in pool:
                 r = candidates.direction(layer, pos).vector.double()
                 scores[(layer, pos)].screen_bypass = base_metric - float(r @ M @ r)
