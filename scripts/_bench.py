@@ -124,16 +124,15 @@ class ModelShape:
     d_vocab: int
 
     @classmethod
-    def of(cls, model) -> ModelShape:
-        """From a bridge: 2-D weights of the first decoder layer (norm gains and biases left out)."""
-        layer = model.original_model.model.layers[0]
-        seen: dict[int, int] = {}
-        for p in layer.parameters():
-            if p.ndim == 2:
-                seen[id(p)] = p.numel()
-        cfg = model.cfg
-        return cls(int(cfg.n_layers), sum(seen.values()), int(cfg.n_heads) * int(cfg.d_head), int(cfg.d_model),
-                   int(cfg.d_vocab))
+    def of(cls, hf_model) -> ModelShape:
+        """From a ``transformers`` causal LM (for a bridge: ``model.original_model``): the 2-D weights of its
+        first decoder layer (norm gains and biases left out), query heads x head width, hidden size, vocab."""
+        cfg = hf_model.config
+        seen = {id(p): p.numel() for p in hf_model.model.layers[0].parameters() if p.ndim == 2}
+        heads = int(cfg.num_attention_heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        return cls(int(cfg.num_hidden_layers), sum(seen.values()), heads * head_dim, int(cfg.hidden_size),
+                   int(cfg.vocab_size))
 
     def useful_flops(self, c: PhaseCount) -> float:
         """Real tokens x 2 x layer parameters (twice for tokens a backward pass follows: input gradients cost
@@ -149,11 +148,12 @@ class ModelShape:
 
 
 class FlopCounter:
-    """Counts tokens, attention pairs and logit rows of every forward of a bridge, per phase, with torch
-    forward pre-hooks on the HF model inside it (``model.original_model``): the top module sees each
+    """Counts tokens, attention pairs and logit rows of every forward of a ``transformers`` causal LM, per
+    phase, with torch forward pre-hooks (on a bridge, hook the HF model inside it, ``model.original_model``,
+    which every bridge forward and ``hf_generate`` step goes through): the top module sees each
     forward's ``input_ids`` and ``attention_mask`` (a generation step feeds one position against the whole
-    mask), each decoder layer counts the forward's tokens when it runs (so forwards stopped early by
-    :func:`refusal_lens.activations.run_until` count only the layers they ran), and the unembedding counts
+    mask), each decoder layer counts the forward's tokens once it has run (so forwards stopped early by
+    :func:`refusal_lens.activations.run_until` count only the layers they completed), and the unembedding counts
     the rows it computes. A token is real when its mask is 1 and it is not the pad token (finished
     sequences keep being fed pad tokens during generation).
 
@@ -161,9 +161,9 @@ class FlopCounter:
     block whose logits are all needed (``needed_rows`` of them, e.g. completion tokens for CE).
     """
 
-    def __init__(self, model):
-        self.model = model
-        self.pad_id = model.tokenizer.pad_token_id
+    def __init__(self, hf_model, pad_id: int | None):
+        self.hf = hf_model
+        self.pad_id = pad_id
         self.counts: dict[str, PhaseCount] = {}
         self.current = "other"
         self._fwd: dict = {}
@@ -172,10 +172,10 @@ class FlopCounter:
         self._phase_start = time.perf_counter()
 
     def __enter__(self) -> FlopCounter:
-        om = self.model.original_model
+        om = self.hf
         self._handles.append(om.register_forward_pre_hook(self._top, with_kwargs=True))
         for layer in om.model.layers:
-            self._handles.append(layer.register_forward_pre_hook(self._layer))
+            self._handles.append(layer.register_forward_hook(self._layer))  # after it ran (run_until stops early)
         self._handles.append(om.lm_head.register_forward_pre_hook(self._unembed))
         self._phase_start = time.perf_counter()
         return self
@@ -234,7 +234,7 @@ class FlopCounter:
         if not self._scoring:
             c.needed_logit_rows += live
 
-    def _layer(self, module, args) -> None:
+    def _layer(self, module, args, output) -> None:
         c, f = self.count(), self._fwd
         c.token_layers += f["tokens"]
         c.pairs += f["pairs"]
