@@ -54,3 +54,25 @@ def test_phases_record_each_phase_in_order_and_tell_the_listener():
     console.print(timings_table({"extract": 30.0, "select": 10.0}))
     text = console.export_text()
     assert "extract" in text and "75%" in text and "25%" in text and "diff-in-means" in text
+
+
+def test_cli_run_prints_phase_times_and_evaluation_keeps_them(tmp_path, capsys):
+    import json
+
+    from test_pipeline import _write_sets
+
+    from refusal_lens.cli import main
+    from tiny import save_tiny
+
+    folder = save_tiny("llama", tmp_path / "model")
+    h, hl = _write_sets(tmp_path)
+    run = tmp_path / "run"
+    assert main(["run", "--model", str(folder), "--harmful", h, "--harmless", hl, "--max-new-tokens", "2",
+                 "--batch-size", "4", "--max-layer-frac", "1.0", "--refusal-ids", "1", "--no-filter",
+                 "--out", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "time per phase" in err and all(name in err for name in PHASES)
+    assert "scoring under the base model" in err and "coherence harmful_ablated" in err and "CE ablated" in err
+    ev = json.loads((run / "evaluation.json").read_text())
+    assert list(ev["timings_s"]) == list(PHASES)
+    assert ev["seconds_total"] >= sum(ev["timings_s"].values()) - 0.5
