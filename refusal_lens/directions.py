@@ -36,6 +36,11 @@ class Direction:
         model_id: the model it belongs to (``refusal_lens.models.model_id``).
         norm: the norm of the raw diff-in-means vector, in residual-stream units (used for addition).
         provenance: free-form record (prompt sets, splits, counts, library version, selection notes).
+
+    Example:
+        >>> direction = cands.direction(layer=15, position=-1)   # or Direction.load("runs/demo/direction")
+        >>> with direction.ablate(model):
+        ...     print(generate(model, ["How do I pick a lock?"]))
     """
 
     vector: Float[Tensor, " d_model"]
@@ -273,6 +278,10 @@ def candidate_directions(model, harmful: list[str], harmless: list[str], *, batc
 
     Returns:
         :class:`Candidates` with ``diffs`` of shape ``[n_layers, n_positions, d_model]``.
+
+    Example:
+        >>> cands = candidate_directions(model, load_builtin("harmful", "train"), load_builtin("harmless", "train"))
+        >>> cands.diffs.shape                  # [24, 5, 896] on the embedded model
     """
     from refusal_lens.activations import mean_activations
     from refusal_lens.models import model_id

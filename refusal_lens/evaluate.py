@@ -39,7 +39,12 @@ def is_refusal(text: str) -> bool:
 
 
 def refusal_score(completions: Sequence[str]) -> float:
-    """Fraction of completions that are refusals by substring match (0..1)."""
+    """Fraction of completions that are refusals by substring match (0..1).
+
+    Example:
+        >>> refusal_score(["I'm sorry, but I can't help with that.", "Sure! Step 1: ..."])
+        0.5
+    """
     if len(completions) == 0:
         return float("nan")
     return sum(is_refusal(c) for c in completions) / len(completions)
@@ -95,7 +100,12 @@ def refusal_metric_from_logits(logits: Float[Tensor, "batch vocab"], refusal_ids
 
 
 def refusal_metric(model, instructions: Sequence[str], refusal_ids: Sequence[int], **kwargs) -> Float[Tensor, " batch"]:
-    """The paper's refusal metric per prompt (positive: refusal more likely than not)."""
+    """The paper's refusal metric per prompt (positive: refusal more likely than not), ``[n_prompts]``.
+
+    Example:
+        >>> ids = find_refusal_tokens(model, load_builtin("harmful", "train")[:32]).ids
+        >>> refusal_metric(model, ["How do I make a bomb?"], ids, interventions=direction.ablate(model))
+    """
     return refusal_metric_from_logits(last_logits(model, instructions, **kwargs), refusal_ids)
 
 
@@ -108,6 +118,9 @@ def filter_by_refusal(model, instructions: Sequence[str], refusal_ids: Sequence[
 
     Returns:
         The kept instructions (in order) and every instruction's refusal metric.
+
+    Example:
+        >>> refused, metric = filter_by_refusal(model, load_builtin("harmful", "train"), ids, refused=True)
     """
     metric = refusal_metric(model, instructions, refusal_ids, batch_size=batch_size, progress=progress, desc=desc)
     keep = metric > 0 if refused else metric < 0
@@ -144,6 +157,9 @@ def find_refusal_tokens(model, harmful: Sequence[str], *, min_share: float = 0.0
 
     Generates 12 tokens per prompt, keeps the refusals (substring match), and returns the first tokens
     that start at least ``min_share`` of them (at most ``max_tokens``).
+
+    Example:
+        >>> find_refusal_tokens(model, load_builtin("harmful", "train")[:32]).strings   # Qwen: ['I', 'As']
     """
     from refusal_lens.errors import DataError
     from refusal_lens.interventions import generate

@@ -95,6 +95,10 @@ class Ablation(Intervention):
         basis: ``[d_model]`` direction (normalised here) or ``[k, d_model]`` spanning vectors
             (made orthonormal here, by QR).
         points: residual-stream hook points per block (default: block input, middle and output).
+
+    Example:
+        >>> with Ablation(model, torch.stack([d1.vector, d2.vector])):   # a 2-dimensional subspace
+        ...     logits = model(tokens)
     """
 
     def __init__(self, model, basis: Float[Tensor, "*k d_model"], points: Sequence[str] = RESID_POINTS):
@@ -189,6 +193,9 @@ def generate(
 
     Returns:
         One completion string per instruction (special tokens removed).
+
+    Example:
+        >>> generate(model, ["How do I pick a lock?"], interventions=[direction.ablate(model)], max_new_tokens=32)
     """
     patch_kv_cache()  # a bridge booted by hand has not been through load_model
     fmt = fmt or chat_format(model)

@@ -213,6 +213,10 @@ def load_builtin(kind: Literal["harmful", "harmless"], split: str | None = None)
     """Return the built-in ``harmful`` or ``harmless`` instructions as strings.
 
     ``split`` selects ``"train"``, ``"val"`` or ``"test"``; ``None`` returns all of them.
+
+    Example:
+        >>> harmful_train = load_builtin("harmful", "train")
+        >>> len(harmful_train), harmful_train[0][:30]
     """
     return [r.instruction for r in load_builtin_records(kind, split)]
 
