@@ -95,8 +95,9 @@ class PhaseCount:
         fed_token_layers: every fed position x layers run, padding included (what the hardware did).
         fed_pairs: every (query, key) slot attention computed, padding included.
         logit_rows: rows the unembedding computed.
-        needed_logit_rows: rows that are needed: one per sequence per forward (the next token's
-            distribution), or, inside completion scoring, one per completion token.
+        needed_logit_rows: rows that are needed: one per sequence per forward that reaches the unembedding
+            (the next token's distribution; forwards stopped early need none), or, inside completion scoring,
+            one per completion token.
         seconds: wall time of the phase.
     """
 
@@ -229,10 +230,8 @@ class FlopCounter:
                      "fed_pairs": b * (s * (total - s) + s * (s + 1) // 2), "grad": torch.is_grad_enabled()}
         c = self.count()
         c.forwards += 1
-        live = int((new[:, -1] > 0).sum())
-        c.sequences += live
-        if not self._scoring:
-            c.needed_logit_rows += live
+        self._fwd["live"] = int((new[:, -1] > 0).sum())
+        c.sequences += self._fwd["live"]
 
     def _layer(self, module, args, output) -> None:
         c, f = self.count(), self._fwd
@@ -244,4 +243,7 @@ class FlopCounter:
             c.grad_token_layers += f["tokens"]
 
     def _unembed(self, module, args) -> None:
-        self.count().logit_rows += int(args[0].shape[:-1].numel())
+        c = self.count()
+        c.logit_rows += int(args[0].shape[:-1].numel())
+        if not self._scoring:  # a forward that reaches the unembedding needs each live sequence's next token
+            c.needed_logit_rows += self._fwd.get("live", 0)

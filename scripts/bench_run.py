@@ -137,7 +137,7 @@ def _row(name: str, c: PhaseCount, shape: ModelShape, peak: float) -> None:
     cost = c.seconds * peak
     ratio = f"{cost / useful:.2f}" if useful else "-"
     waste = f"{computed / useful:.2f}" if useful else "-"
-    print(f"{name:<20}{c.seconds:>9.1f}{cost / 1e12:>12.2f}{useful / 1e12:>11.2f}{ratio:>13}{waste:>17}"
+    print(f"{name:<20}{c.seconds:>9.1f}{cost / 1e12:>12.3g}{useful / 1e12:>11.3g}{ratio:>13}{waste:>17}"
           f"{c.token_layers // max(shape.n_layers, 1):>10,}{c.forwards:>10,}"
           f"{f'{c.needed_logit_rows:,}/{c.logit_rows:,}':>22}")
 
@@ -213,7 +213,7 @@ def main() -> None:
 
     # ---- generation: refusal-lens vs plain transformers on the baseline prompts
     eos = model.original_model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     evals = [g for g in gens if g["phase"] == "evaluate_generate"]
     base = [g for g in evals if not g["hooked"]]
     hooked = [g for g in evals if g["hooked"]]
@@ -244,7 +244,7 @@ def main() -> None:
                               sum(len(g["new"]) for g in hooked))):
         print(f"{label:<52}{k:>8}{n:>8}{s:>9.1f}{(n / s if s else float('nan')):>10.1f}")
     plain_count = plain_counter.counts["plain generate"]
-    print(f"plain generate: cost {plain_s * peak / 1e12:.2f} TFLOP-eq, useful {shape.useful_flops(plain_count) / 1e12:.2f} "
+    print(f"plain generate: cost {plain_s * peak / 1e12:.3g} TFLOP-eq, useful {shape.useful_flops(plain_count) / 1e12:.3g} "
           f"TF, cost/useful {plain_s * peak / max(shape.useful_flops(plain_count), 1):.2f}")
     print("check: refusal-lens generate without interventions == plain transformers greedy tokens: "
           + ("yes" if n_diff == 0 else f"NO ({n_diff}/{len(rl_tokens)} completions differ)")

@@ -75,7 +75,7 @@ def test_forward_stopped_early_counts_only_layers_run(model):
     with _counter(model) as c:
         run_until(model, "blocks.1.hook_resid_pre", b.input_ids, b.attention_mask)  # block 0 only
     assert c.counts["other"].token_layers == int(b.attention_mask.sum())
-    assert c.counts["other"].logit_rows == 0
+    assert c.counts["other"].logit_rows == 0 == c.counts["other"].needed_logit_rows
 
 
 def test_generation_counts_prefill_then_one_token_per_step(model):
@@ -103,3 +103,35 @@ def test_scoring_needs_one_row_per_completion_token(model):
     n = c.counts["other"]
     assert n.needed_logit_rows == sum(k for _, k in pairs) > 0
     assert n.logit_rows == n.fed_token_layers // N_LAYERS > n.needed_logit_rows  # full logits were computed
+
+
+def test_bench_run_main_on_a_tiny_model(monkeypatch, capsys):
+    """The whole script, on a tiny model and built-in data: every phase gets counted, plain generate matches."""
+    import bench_run
+
+    from refusal_lens.evaluate import RefusalTokens
+    from tiny import make_hf_model
+
+    bridge = boot_rl_tiny("llama")
+    plain = make_hf_model("llama", seed=0).eval()  # the same weights, not booted
+    monkeypatch.setattr(bench_run, "load_bridge_and_plain", lambda: (bridge, plain, bridge.tokenizer))
+    monkeypatch.setattr("refusal_lens.pipeline.find_refusal_tokens",
+                        lambda *a, **k: RefusalTokens([1], ["<|eos|>"], 1.0, 1))  # a random model refuses nothing
+    from functools import partial
+
+    import refusal_lens.pipeline as pl
+
+    monkeypatch.setattr(pl, "RunConfig", partial(pl.RunConfig, max_layer_frac=1.0))  # 2 layers: not layer 0 only
+    monkeypatch.setattr(sys, "argv", ["bench_run.py", "--quick", "--n-test", "3", "--max-new-tokens", "3",
+                                      "--peak-repeats", "1"])
+    bench_run.main()
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    table = {ln.split()[0]: ln.split() for ln in lines if ln.split() and ln.split()[0] in
+             ("extract", "select", "evaluate_generate", "evaluate_score", "report")}
+    assert set(table) == {"extract", "select", "evaluate_generate", "evaluate_score", "report"}
+    for name in ("extract", "select", "evaluate_generate", "evaluate_score"):
+        assert table[name][4] != "-" and int(table[name][6].replace(",", "")) > 0  # useful FLOPs, tokens counted
+    assert table["extract"][-1] == "0/0"  # diff-in-means stops before the unembedding: no logits needed
+    assert "greedy tokens: yes" in out and "decoded text equal to completions.jsonl: yes" in out
+    assert lines[-1].startswith("whole run: ") and "TFLOP-equivalents" in lines[-1]
