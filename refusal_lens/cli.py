@@ -8,8 +8,11 @@ vocabulary, prompts beyond its context) is checked right after it loads, before 
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import sys
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 
@@ -111,16 +114,48 @@ def _check_pair_out(out: Path, overwrite: bool, *extra: Path) -> tuple[Path, Pat
     return pair
 
 
-def _check_out_dir(out: Path, overwrite: bool) -> None:
+RUN_FOLDER_BYTES = 32 << 20  # report.html inlines plotly.js (~5 MB); candidates and completions a few MB more
+
+
+def _check_out_dir(out: Path, overwrite: bool, need_bytes: int = 1 << 20) -> None:
     from refusal_lens.io import check_output_dir, check_writable
 
     check_output_dir(out, overwrite)
-    check_writable(out.parent)
+    check_writable(out.parent, need_bytes=need_bytes)
 
 
-def _check_model_limits(m, *, prompts: list[str] = (), max_new_tokens: int = 0, extra_tokens: int = 0,
-                        refusal_ids: list[int] | None = None, top_heads: int | None = None) -> None:
-    """Checks that need the loaded model (vocabulary, context, heads), made before any long work."""
+def _weight_bytes(m) -> int:
+    """Bytes an exported copy of the loaded model's weights needs on disk (about)."""
+    return sum(p.numel() * p.element_size() for p in m.original_model.parameters()) + (16 << 20)
+
+
+def _keep_inputs(outputs: Sequence[Path], inputs: Sequence[tuple[str, str | Path | None]]) -> None:
+    """Refuse an output that is, or holds, one of the command's inputs (``--overwrite`` would destroy it).
+
+    ``inputs`` pairs the option that names an input (e.g. ``"--direction"``) with the path; a ``.safetensors``
+    input counts with its ``.json`` partner.
+    """
+    from refusal_lens.io import PAIR_SUFFIXES, pair_paths
+
+    for out in outputs:
+        o = out.resolve()
+        for opt, p in inputs:
+            if p is None:
+                continue
+            paths = pair_paths(p) if Path(p).suffix in PAIR_SUFFIXES else (Path(p),)
+            for q in (x.resolve() for x in paths if x.exists()):
+                if q == o or o in q.parents:
+                    raise typer.BadParameter(f"{p} is an input of this command and lies at or inside the output "
+                                             f"{out}; choose another output path.", param_hint=f"'{opt}'")
+
+
+def _check_model_limits(m, *, prompts: Sequence[str] = (), max_new_tokens: int = 0, extra_tokens: int = 0,
+                        refusal_ids: list[int] | None = None, top_heads: int | None = None,
+                        max_layer_frac: float | None = None) -> None:
+    """Checks that need the loaded model (vocabulary, context, heads, depth), made before any long work."""
+    if max_layer_frac is not None and int(max_layer_frac * int(m.cfg.n_layers)) < 1:
+        raise typer.BadParameter(f"{max_layer_frac} x {m.cfg.n_layers} layers leaves no layer to select from; "
+                                 f"use at least {1 / int(m.cfg.n_layers):.3g}.", param_hint="'--max-layer-frac'")
     if refusal_ids:
         vocab = int(m.cfg.d_vocab)
         bad = [i for i in refusal_ids if i >= vocab]
@@ -194,7 +229,9 @@ def run(
     from refusal_lens.pipeline import load_splits, run_pipeline, timings_table
 
     ids = _token_ids(refusal_ids) if refusal_ids is not None else None
-    _check_out_dir(out, overwrite)
+    _keep_inputs([out] + ([export] if export is not None else []),
+                 [("--model", model), ("--harmful", harmful), ("--harmless", harmless)])
+    _check_out_dir(out, overwrite, RUN_FOLDER_BYTES)
     if export is not None:
         _check_out_dir(export, overwrite)
         if export.absolute() == out.absolute():
@@ -205,7 +242,11 @@ def run(
     splits = load_splits(cfg, truncate=False)  # data files: read, validated and checked for overlaps first
     m = _load(model, trust_remote_code)
     _check_model_limits(m, prompts=[x for s in (splits.harmful, splits.harmless) for v in s.values() for x in v],
-                        max_new_tokens=max_new_tokens, refusal_ids=ids)
+                        max_new_tokens=max_new_tokens, refusal_ids=ids, max_layer_frac=max_layer_frac)
+    if export is not None:
+        from refusal_lens.io import check_writable
+
+        check_writable(export.parent, need_bytes=_weight_bytes(m))
     res = run_pipeline(m, out, cfg, overwrite=overwrite, export_dir=export)
     c = res.evaluation["conditions"]
     console.print(
@@ -259,9 +300,10 @@ def select(
     from refusal_lens.models import model_id
     from refusal_lens.selection import select_direction
 
-    st, _ = _check_pair_out(out, overwrite)
+    st, js = _check_pair_out(out, overwrite)
     sel_path = st.with_name(st.name.removesuffix(".safetensors") + "_selection.json")
     _check_pair_out(out, overwrite, sel_path)
+    _keep_inputs([st, js, sel_path], [("--model", model), ("CANDIDATES", candidates)])
     cands = Candidates.load(candidates)
     m = _load(model)
     if cands.model_id != model_id(m) or cands.diffs.shape[-1] != m.cfg.d_model:
@@ -330,7 +372,9 @@ def export_cmd(
 ) -> None:
     """Orthogonalize the weights against a direction and write a Hugging Face folder, verified by reload."""
     from refusal_lens.directions import Direction
+    from refusal_lens.io import check_writable
 
+    _keep_inputs([out], [("--direction", direction), ("--model", model)])
     _check_out_dir(out, overwrite)
     d = Direction.load(direction)
     evaluation = _read_evaluation(direction.parent / "evaluation.json")
@@ -339,15 +383,23 @@ def export_cmd(
         from refusal_lens.models import embedded_model_folder
 
         src = Path(model) if model else embedded_model_folder()
+        _keep_inputs([out], [("--model", src)])
         if not src.is_dir():
             raise typer.BadParameter(f"{src} is not a folder; --streaming edits a safetensors HF folder.",
                                      param_hint="'--model'")
+        check_writable(out.parent, need_bytes=sum(p.stat().st_size for p in src.glob("*.safetensors")) + (16 << 20))
         report = export_streaming(src, d, out, overwrite=overwrite, evaluation=evaluation,
                                   allow_other_model=allow_other_model)
     else:
+        from refusal_lens.errors import DirectionError
         from refusal_lens.export import export
+        from refusal_lens.models import model_id
 
         m = _load(model)
+        if not allow_other_model and d.d_model == int(m.cfg.d_model) and d.model_id != model_id(m):
+            raise DirectionError(f"Direction was extracted from {d.model_id!r}, not from {model_id(m)!r}. Pass the "
+                                 "model it was extracted from (--model), or --allow-other-model to transfer it.")
+        check_writable(out.parent, need_bytes=_weight_bytes(m))
         report = export(m, d, out, overwrite=overwrite, evaluation=evaluation, allow_other_model=allow_other_model)
     checks = (f"reload vs in-memory max |logit diff| {report.max_logit_diff:.2e}, hook ablation vs weights "
               f"{report.hook_ablation_diff:.2e}" if report.max_logit_diff is not None and report.hook_ablation_diff
@@ -380,6 +432,7 @@ def suffix(
     if objective is Objective.target and not target.strip():
         raise typer.BadParameter("the target reply prefix is empty; give one, e.g. 'Sure, here is'.",
                                  param_hint="'--target'")
+    _keep_inputs([out], [("--direction", direction), ("--model", model)])
     check_output_file(out, overwrite)
     check_writable(out.parent)
     d = Direction.load(direction)
@@ -417,6 +470,7 @@ def hijack(
     from refusal_lens.io import atomic_dir
     from refusal_lens.suffix import SuffixResult, search_suffix
 
+    _keep_inputs([out], [("--direction", direction), ("--suffix", suffix_file), ("--model", model)])
     _check_out_dir(out, overwrite)
     d = Direction.load(direction)
     adv = SuffixResult.load(suffix_file) if suffix_file is not None else None
@@ -495,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
                debug)
         return 1
     except OSError as e:
+        if e.errno == errno.EPIPE:  # `refusal-lens evaluate ... | head`: the reader left; nothing to report
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (so the interpreter's final flush stays quiet)
+            return 1
         where = f" ({e.filename})" if e.filename else ""
         _error(f"{e.strerror or e}{where}; check the path, its permissions and the free disk space.", debug)
         return 1

@@ -9,15 +9,28 @@ replaced by its projection onto the complement of the unit direction ``r``::
     b     <- b - (b . r) r
 
 The residual stream is then a sum of vectors orthogonal to ``r``, which is what
-:func:`refusal_lens.interventions.ablate` enforces with hooks at every ``resid_pre / resid_mid /
-resid_post``. The two agree to float rounding (:func:`check_equivalence`), provided that
+:meth:`Direction.ablate <refusal_lens.directions.Direction.ablate>` enforces with hooks at every ``resid_pre / resid_mid /
+resid_post``. The two agree to float rounding (:func:`check_equivalence`), provided that the
+unembedding is not the (edited) embedding: tied embeddings are untied first (otherwise the edit also
+projects ``r`` out of the unembedding and logits move by O(1); measured 1.55 on SmolLM2).
 
-* nothing transforms a writer's output before it is added to the stream. Gemma2/3 and OLMo2 apply an
-  RMSNorm *after* ``o_proj`` / ``down_proj``: the norm rescales each coordinate by its own gain, which
-  brings a component along ``r`` back, so such models are refused with :class:`ExportError` (hook
-  ablation still works for them);
-* the unembedding is not the (edited) embedding: tied embeddings are untied first (otherwise the edit
-  also projects ``r`` out of the unembedding and logits move by O(1); measured 1.55 on SmolLM2).
+**Norms after the writers (Gemma2, Gemma3, OLMo2).** These apply an RMSNorm to the output ``y`` of
+``o_proj`` / ``down_proj`` before it is added to the stream: ``g * y / rms(y)``, with the gain
+``g = 1 + w`` (Gemma, computed in fp32) or ``g = w`` (OLMo2). Its component along ``r`` is
+``(g * r) . y / rms(y)``, so those writers are projected against ``u = normalize(g * r)`` instead of
+``r``: every write is then orthogonal to ``r`` whatever the RMS, and the residual stream never holds
+``r`` (``tests/test_architectures.py``: relative component <= 1e-5 at every layer). The embedding (Gemma
+scales it by ``sqrt(d_model)``, a scalar) is projected against ``r`` as usual. This is *not* the same
+function as hook ablation -- the norm now divides by the RMS of the edited output -- so
+:func:`check_edit` reports the KL between the two instead of requiring equal logits.
+
+**Low precision and offloading.** Each matrix is edited in fp32 blocks and cast back to its own dtype
+(bf16 / fp16 weights stay bf16 / fp16). Parameters that accelerate offloaded (``device_map`` with
+``"cpu"`` / ``"disk"`` entries: the module's parameter is on the ``meta`` device and its value lives in
+the hook's ``weights_map``) are read from that map, edited, and written back to it: in place for
+tensors held in memory, as a fresh ``.dat`` file in the offload folder (accelerate's own
+``offload_weight``, the index entry updated) for tensors on disk -- the source checkpoint is never
+modified.
 
 Which parameters write to the stream is decided from the Hugging Face ``config.model_type`` and the
 parameter names of that family (:data:`WRITER_PATTERNS`), then cross-checked by identity against the
@@ -36,10 +49,11 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -76,6 +90,12 @@ class WriterPatterns:
     mlp_out: str
     pos_embed: str | None = None
     linear_layout: str = OUT_IN  # layout of attn_out / mlp_out weights
+    #: names (``{layer}`` filled in, same prefix as the writer) of the norm weights applied to the
+    #: attention / MLP output before the residual add, for post-norm families; ``None`` otherwise.
+    attn_norm: str | None = None
+    mlp_norm: str | None = None
+    #: the norm multiplies by ``norm_offset + weight`` (1.0 for Gemma's ``(1 + w)``, 0.0 for OLMo2).
+    norm_offset: float = 0.0
 
     def match(self, name: str) -> tuple[str, int | None, str] | None:
         """``(kind, layer, layout)`` if ``name`` is a residual writer, else ``None``."""
@@ -92,6 +112,20 @@ class WriterPatterns:
             return kind, layer, layout
         return None
 
+    def norm_name(self, name: str) -> str | None:
+        """The HF name of the norm weight applied to writer ``name``'s output, if the family has one."""
+        hit = self.match(name)
+        if hit is None:
+            return None
+        kind, layer, _ = hit
+        template = {"attn_out": self.attn_norm, "mlp_out": self.mlp_norm}.get(kind)
+        if template is None:
+            return None
+        pattern = self.attn_out if kind == "attn_out" else self.mlp_out
+        m = re.fullmatch(r"(?P<prefix>(?:.*\.)?)" + pattern, name)
+        assert m is not None
+        return m.group("prefix") + template.format(layer=layer)
+
 
 _LLAMA = WriterPatterns(
     embed=r"model\.embed_tokens\.weight",
@@ -106,27 +140,44 @@ _GPT2 = WriterPatterns(
     linear_layout=ROWS,  # transformers' Conv1D stores [in, out]
 )
 
-#: Supported ``config.model_type`` -> parameter names of its residual writers. All are sequential
-#: pre-norm blocks: attention and MLP outputs are added to the stream as they leave o_proj / down_proj.
+_POST_NORMS = dict(
+    attn_norm="model.layers.{layer}.post_attention_layernorm.weight",
+    mlp_norm="model.layers.{layer}.post_feedforward_layernorm.weight",
+)
+_GEMMA = dataclasses.replace(_LLAMA, **_POST_NORMS, norm_offset=1.0)  # Gemma2/3RMSNorm: x * (1 + w)
+_OLMO2 = dataclasses.replace(_LLAMA, **_POST_NORMS, norm_offset=0.0)  # Olmo2RMSNorm: w * x
+
+#: Supported ``config.model_type`` -> parameter names of its residual writers. Llama-like families (Phi-3
+#: included: only its q/k/v and gate/up projections are fused) add attention and MLP outputs to the stream
+#: as they leave o_proj / down_proj; Gemma2/3 and OLMo2 normalise them first (``attn_norm``/``mlp_norm``).
 WRITER_PATTERNS: dict[str, WriterPatterns] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
+    "phi3": _LLAMA,
+    "gemma2": _GEMMA,
+    "gemma3": _GEMMA,
+    "gemma3_text": _GEMMA,
+    "olmo2": _OLMO2,
     "gpt2": _GPT2,
 }
 
-#: Families with a norm between a residual writer and the residual stream.
-POST_NORM_MODEL_TYPES = ("gemma2", "gemma3", "gemma3_text", "olmo2", "cohere2")
+#: Parameter names of norms after a writer; a family outside the table that has them is refused.
 _POST_NORM_NAMES = ("post_feedforward_layernorm", "ln1_post", "ln2_post")
 
 
 class Writer(NamedTuple):
-    """One residual-stream writer: its Hugging Face name, the (shared) parameter and its layout."""
+    """One residual-stream writer: its Hugging Face name, the (shared) parameter and its layout.
+
+    ``gain`` is the fp32 ``[d_model]`` gain of the norm applied to its output before the residual add
+    (Gemma2/3: ``1 + w``; OLMo2: ``w``), ``None`` when the output is added as it is.
+    """
 
     name: str
     param: torch.nn.Parameter
     layout: str
+    gain: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,11 +188,9 @@ class Writer(NamedTuple):
 def _post_norm_error(model_type: str) -> ExportError:
     return ExportError(
         f"Cannot orthogonalize a {model_type!r} model: it applies a norm AFTER the attention and MLP "
-        "output projections (e.g. Gemma2's post_attention_layernorm / post_feedforward_layernorm) before "
-        "their output is added to the residual stream. The norm divides by the output's RMS and multiplies "
-        "each coordinate by its own gain, which re-introduces a component along the direction, so no edit "
-        "of o_proj / down_proj reproduces directional ablation. Use hook ablation "
-        "(`refusal_lens.interventions.ablate`) for this model; weight export is not supported for it."
+        "output projections (like Gemma2's post_feedforward_layernorm) whose form refusal-lens does not "
+        "know for this family, so the edit cannot be adapted to it. Use hook ablation "
+        "(`direction.ablate(model)`) for this model; weight export is not supported for it."
     )
 
 
@@ -149,7 +198,7 @@ def _unsupported_error(model_type: str, detail: str = "") -> ExportError:
     supported = ", ".join(sorted(WRITER_PATTERNS))
     return ExportError(
         f"Weight orthogonalization does not support architecture {model_type!r}{detail}. Supported "
-        f"model types: {supported}. Hook ablation (`refusal_lens.interventions.ablate`) works for any "
+        f"model types: {supported}. Hook ablation (`direction.ablate(model)`) works for any "
         "model TransformerLens can load."
     )
 
@@ -163,14 +212,13 @@ def model_type_of(config) -> str:
 def writer_patterns(model_type: str, param_names: Sequence[str] = ()) -> WriterPatterns:
     """The writer table of ``model_type``; raises :class:`ExportError` for unknown / post-norm families.
 
-    ``param_names`` (HF parameter names) are searched for norms after the writers, so that a renamed
-    post-norm architecture is refused as well.
+    ``param_names`` (HF parameter names) are searched for norms after the writers, so that a post-norm
+    architecture filed under a pre-norm family's type is refused as well.
     """
-    if model_type in POST_NORM_MODEL_TYPES or any(
-        part in _POST_NORM_NAMES for name in param_names for part in name.split(".")
-    ):
-        raise _post_norm_error(model_type)
     patterns = WRITER_PATTERNS.get(model_type)
+    post_norm = any(part in _POST_NORM_NAMES for name in param_names for part in name.split("."))
+    if post_norm and (patterns is None or patterns.mlp_norm is None):
+        raise _post_norm_error(model_type)
     if patterns is None:
         raise _unsupported_error(model_type)
     return patterns
@@ -217,14 +265,25 @@ def residual_writers(model) -> list[Writer]:
     mtype = model_type_of(hf.config)
     named = list(_hf_named_parameters(hf))
     patterns = writer_patterns(mtype, [n for n, _ in named])
-    if any(hasattr(b, "ln1_post") or hasattr(b, "ln2_post") for b in model.blocks):
+    has_post = [hasattr(b, "ln1_post") or hasattr(b, "ln2_post") for b in model.blocks]
+    if any(has_post) and patterns.mlp_norm is None:
         raise _post_norm_error(mtype)
+    by_name = dict(named)
     d_model = int(model.cfg.d_model)
     writers = []
     for name, p in named:
         hit = patterns.match(name)
-        if hit is not None:
-            writers.append(Writer(name, p, hit[2]))
+        if hit is None:
+            continue
+        gain = None
+        norm = patterns.norm_name(name)
+        if norm is not None:
+            if norm not in by_name:
+                raise _unsupported_error(mtype, f" in this form ({name} has no norm {norm} after it)")
+            gain = patterns.norm_offset + read_param(hf, norm).detach().to("cpu", torch.float32)
+        writers.append(Writer(name, p, hit[2], gain))
+    if any(has_post) and not any(w.gain is not None for w in writers):
+        raise _post_norm_error(mtype)
     # Cross-check by identity against the bridge's components: same set, nothing missing or extra.
     expected = _expected_writers(model)
     found = {id(w.param) for w in writers}
@@ -264,7 +323,11 @@ def project_rows(rows: Tensor, r: Float[Tensor, " d_model"]) -> Iterator[tuple[i
     n, d = rows.shape
     step = max(1, BLOCK_ELEMENTS // max(d, 1))
     for start in range(0, n, step):
-        block = rows[start : start + step].to(torch.float32)
+        # Always a fresh contiguous fp32 copy: BLAS results depend on the operands' memory alignment and
+        # layout (measured: 1 ulp between an fp32 parameter edited in place and the same tensor read from
+        # a file), so every caller must hand the matmul the same kind of buffer to get the same bits.
+        view = rows[start : start + step]
+        block = torch.empty(view.shape, dtype=torch.float32, device=view.device).copy_(view)
         edited = torch.addr(block, block @ r, r, alpha=-1.0)
         yield start, edited.to(rows.dtype)
 
@@ -273,8 +336,128 @@ def project_rows(rows: Tensor, r: Float[Tensor, " d_model"]) -> Iterator[tuple[i
 def project_out_(param: Tensor, r: Float[Tensor, " d_model"], layout: str) -> None:
     """Edit one residual writer in place (fp32 math, cast back to the parameter's dtype)."""
     rows = _rows_view(param.data, layout)
-    for start, block in project_rows(rows, r):
+    for start, block in project_rows(rows, r.to(rows.device)):
         rows[start : start + block.shape[0]] = block
+
+
+def writer_direction(r: Float[Tensor, " d_model"], gain: Tensor | None) -> Float[Tensor, " d_model"]:
+    """The unit vector to project out of a writer whose output is scaled by ``gain`` (or ``r`` itself).
+
+    ``(gain * y) . r == y . (gain * r)``: a write ``y`` orthogonal to ``normalize(gain * r)`` stays
+    orthogonal to ``r`` after any norm that divides by a scalar and multiplies by ``gain``.
+    """
+    if gain is None:
+        return r
+    u = gain.to(torch.float32) * r
+    n = float(u.norm())
+    if not math.isfinite(n) or n == 0.0:
+        raise ExportError("A post-norm gain is zero or NaN along the whole direction; check the model's weights.")
+    return u / n
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters offloaded by accelerate (device_map with "cpu" / "disk" entries)
+# --------------------------------------------------------------------------------------------------
+
+
+def _locate(hf_model, name: str) -> tuple[dict, list[str], str]:
+    """``(modules by path, owner module path as parts, parameter attribute)`` of HF parameter ``name``.
+
+    By name, not by identity: accelerate's hooks replace an offloaded module's Parameter object at every
+    forward (real tensor in ``pre_forward``, a new meta one in ``post_forward``).
+    """
+    modules = dict(hf_model.named_modules(remove_duplicate=False))
+    for path, module in modules.items():
+        clean = path.replace("._original_component", "").replace("_original_component.", "")
+        for pname in module._parameters:
+            if (f"{clean}.{pname}" if clean else pname) == name:
+                return modules, path.split(".") if path else [], pname
+    raise ExportError(f"The model has no parameter {name}; reload it with refusal_lens.load_model().")
+
+
+def _live_param(hf_model, name: str) -> Tensor:
+    modules, parts, pname = _locate(hf_model, name)
+    return modules[".".join(parts)]._parameters[pname]
+
+
+def _offload_slot(hf_model, name: str) -> tuple[Mapping, str]:
+    """``(store, key)``: where accelerate keeps the value of the offloaded (meta) parameter ``name``.
+
+    accelerate's ``AlignDevicesHook`` on the module owning the parameter (or on an ancestor) holds a
+    ``weights_map`` (``PrefixedDataset`` over a state dict or an ``OffloadedWeightsLoader``); the
+    parameter's value is ``weights_map[path relative to the hooked module]``.
+    """
+    from accelerate.utils.offload import PrefixedDataset
+
+    modules, parts, pname = _locate(hf_model, name)
+    for i in range(len(parts), -1, -1):
+        hook = getattr(modules.get(".".join(parts[:i])), "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):
+            weights_map = getattr(h, "weights_map", None)
+            if weights_map is None:
+                continue
+            key = ".".join(parts[i:] + [pname])
+            while isinstance(weights_map, PrefixedDataset):
+                key = weights_map.prefix + key
+                weights_map = weights_map.dataset
+            return weights_map, key
+    raise ExportError(
+        f"{name} is on the meta device but no accelerate offload hook holds its value. Load the model with "
+        "refusal_lens.load_model() (or transformers' from_pretrained with a device_map)."
+    )
+
+
+def read_param(hf_model, name: str) -> Tensor:
+    """The value of HF parameter ``name``: the tensor, or for an accelerate-offloaded one its stored copy."""
+    param = _live_param(hf_model, name)
+    if param.device.type != "meta":
+        return param.data
+    store, key = _offload_slot(hf_model, name)
+    return store[key]
+
+
+@torch.no_grad()
+def write_param_(hf_model, name: str, value: Tensor) -> None:
+    """Set HF parameter ``name`` to ``value`` in place; an offloaded one where accelerate keeps it.
+
+    A tensor kept in memory is overwritten in place; one on disk is written with accelerate's
+    ``offload_weight`` as ``<key>.dat`` in the loader's ``save_folder`` (the model's offload folder) and
+    its index entry replaced -- an entry that pointed into the source ``.safetensors`` file now points
+    to that copy, and the source file is never written.
+    """
+    param = _live_param(hf_model, name)
+    if param.device.type != "meta":
+        param.data.copy_(value)
+        return
+    from accelerate.utils import offload_weight
+    from accelerate.utils.offload import OffloadedWeightsLoader
+
+    store, key = _offload_slot(hf_model, name)
+    if isinstance(store, OffloadedWeightsLoader) and key not in store.state_dict:
+        if store.save_folder is None:
+            raise ExportError(
+                f"{key} is offloaded to disk without an offload folder to write the edited copy to. Load "
+                "the model with an offload folder (transformers: `offload_folder=...`)."
+            )
+        offload_weight(value.to(store[key].dtype).cpu(), key, store.save_folder, index=store.index)
+        return
+    target = store.state_dict[key] if isinstance(store, OffloadedWeightsLoader) else store[key]
+    if not isinstance(target, Tensor) or target.shape != value.shape:
+        raise ExportError(f"Cannot write the offloaded parameter {key}: unknown accelerate weights map.")
+    target.copy_(value)
+
+
+@torch.no_grad()
+def edit_writer_(hf_model, writer: Writer, r: Float[Tensor, " d_model"]) -> None:
+    """Project ``writer_direction(r, writer.gain)`` out of one writer, wherever its value lives."""
+    u = writer_direction(r, writer.gain)
+    param = _live_param(hf_model, writer.name)
+    if param.device.type != "meta":
+        project_out_(param, u, writer.layout)
+        return
+    value = read_param(hf_model, writer.name).clone()
+    project_out_(value, u, writer.layout)
+    write_param_(hf_model, writer.name, value)
 
 
 def unit_vector(direction: Direction | Tensor) -> Float[Tensor, " d_model"]:
@@ -371,7 +554,7 @@ def orthogonalize(model, direction: Direction | Tensor, *, allow_other_model: bo
     if untie_embeddings_(model):
         logger.info("untied the input and output embeddings before orthogonalizing")
     for w in writers:
-        project_out_(w.param, r, w.layout)
+        edit_writer_(model.original_model, w, r)
     _record(model, r, direction)
     return writers
 
@@ -400,15 +583,68 @@ def max_logit_diff(a: Tensor, b: Tensor, attention_mask: Tensor) -> float:
     return float((a[keep] - b[keep]).abs().max())
 
 
+def is_exact(model) -> bool:
+    """Whether orthogonalizing ``model`` computes the same function as hook ablation (no post-norms)."""
+    return all(w.gain is None for w in residual_writers(model))
+
+
+@dataclass
+class EditCheck:
+    """How an orthogonalized model compares with hook ablation of the same direction on the unedited one.
+
+    Attributes:
+        max_logit_diff: max |logit difference| over real (non-padding) positions.
+        kl: mean over real positions of ``KL(hook-ablated || orthogonalized)`` of the next-token
+            distribution, in nats.
+        max_along_r: max over every layer's ``resid_pre``/``resid_mid``/``resid_post`` and every real
+            position of ``|x . r| / |x|`` in the orthogonalized model (0 up to rounding).
+        exact: the family's edit is the same function as hook ablation (no norm after the writers), so
+            ``max_logit_diff`` is rounding only; for Gemma2/3 and OLMo2 it is not (see the module doc).
+    """
+
+    max_logit_diff: float
+    kl: float
+    max_along_r: float
+    exact: bool
+
+
+def _resid_names(model) -> list[str]:
+    return [f"blocks.{layer}.hook_resid_{where}" for layer in range(model.cfg.n_layers)
+            for where in ("pre", "mid", "post")]
+
+
 @torch.no_grad()
-def check_equivalence(model, direction: Direction | Tensor, prompts, *, keep: bool = False,
-                      allow_other_model: bool = False) -> float:
-    """Max |logit diff| between hook ablation and orthogonalized weights on ``prompts``.
+def max_component_along(model, batch, r: Float[Tensor, " d_model"]) -> float:
+    """Max of ``|x . r| / |x|`` over every layer's residual stream (pre, mid, post) at real positions."""
+    names = set(_resid_names(model))
+    _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
+                                    names_filter=lambda name: name in names)
+    keep = batch.attention_mask.bool()
+    worst = 0.0
+    for name in names:
+        x = cache[name][keep].float()
+        rel = (x @ r.to(x.device)).abs() / x.norm(dim=-1).clamp_min(1e-30)
+        worst = max(worst, float(rel.max()))
+    return worst
+
+
+def mean_kl(base: Tensor, other: Tensor, attention_mask: Tensor) -> float:
+    """Mean over real positions of ``KL(base || other)`` of ``[batch, seq, vocab]`` logits, in nats."""
+    keep = attention_mask.bool()
+    lp, lq = base[keep].double().log_softmax(-1), other[keep].double().log_softmax(-1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+@torch.no_grad()
+def check_edit(model, direction: Direction | Tensor, prompts, *, keep: bool = False,
+               allow_other_model: bool = False) -> EditCheck:
+    """Compare orthogonalized weights with hook ablation on ``prompts`` (any supported family).
 
     How the "unedited copy" is obtained without copying the model: the hook-ablated logits are computed
     first on the unedited model, the residual writers are snapshot (cloned; about 40 % of a 0.5B
-    model), the model is orthogonalized in place and run without hooks, then the snapshot is restored.
-    Untying the embeddings is kept (it changes no numerics).
+    model), the model is orthogonalized in place and run without hooks, then the snapshot is restored
+    (offloaded writers are restored where accelerate keeps them). Untying the embeddings is kept (it
+    changes no numerics).
 
     Args:
         model: an unedited TransformerBridge.
@@ -417,7 +653,7 @@ def check_equivalence(model, direction: Direction | Tensor, prompts, *, keep: bo
         keep: leave the model orthogonalized (skips the snapshot; used by the export).
 
     Returns:
-        The max absolute logit difference over real (non-padding) positions.
+        :class:`EditCheck`.
 
     Raises:
         ExportError: when the model is already orthogonalized (the comparison would be vacuous).
@@ -435,13 +671,42 @@ def check_equivalence(model, direction: Direction | Tensor, prompts, *, keep: bo
     with Ablation(model, r):
         reference = _logits(model, batch)
     writers = residual_writers(model)
-    snapshot = None if keep else [w.param.detach().clone() for w in writers]
+    hf = model.original_model
+    snapshot = None if keep else [read_param(hf, w.name).detach().clone() for w in writers]
     orthogonalize(model, direction, allow_other_model=True)
     try:
         edited = _logits(model, batch)
+        along = max_component_along(model, batch, r)
     finally:
         if snapshot is not None:
             for w, saved in zip(writers, snapshot, strict=True):
-                w.param.data.copy_(saved)
+                write_param_(hf, w.name, saved)
             object.__setattr__(model, "refusal_lens_orthogonalized", [])
-    return max_logit_diff(reference, edited, batch.attention_mask)
+    return EditCheck(
+        max_logit_diff=max_logit_diff(reference, edited, batch.attention_mask),
+        kl=mean_kl(reference, edited, batch.attention_mask),
+        max_along_r=along,
+        exact=all(w.gain is None for w in writers),
+    )
+
+
+def check_equivalence(model, direction: Direction | Tensor, prompts, *, keep: bool = False,
+                      allow_other_model: bool = False) -> float:
+    """Max |logit diff| between hook ablation and orthogonalized weights on ``prompts``.
+
+    For families whose edit equals hook ablation (no norm after the writers); see :func:`check_edit`,
+    which this calls, for the method and for Gemma2/3 and OLMo2.
+
+    Raises:
+        ExportError: already orthogonalized, or a family with norms after its writers (Gemma2/3,
+            OLMo2), where the two are different functions: use :func:`check_edit`.
+    """
+    check_direction(model, direction, allow_other_model=allow_other_model)
+    if not is_exact(model):
+        raise ExportError(
+            f"Orthogonalizing a {model_type_of(model.original_model.config)!r} model is exact (the residual "
+            "stream never holds the direction) but not the same function as hook ablation: a norm after "
+            "o_proj / down_proj rescales the edited output. Use check_edit(), which reports the KL between "
+            "the two and the residual component along the direction."
+        )
+    return check_edit(model, direction, prompts, keep=keep, allow_other_model=allow_other_model).max_logit_diff

@@ -123,6 +123,19 @@ def test_out_with_a_dot_keeps_its_name(tiny, tmp_path, capsys):
     assert c.diffs.shape[0] == 2
 
 
+def test_overwrite_never_destroys_an_input(tiny, tiny_direction, tmp_path, capsys):
+    run = Path(tiny_direction).parent
+    before = sorted(p.name for p in run.iterdir())
+    fails(capsys, ["hijack", "-d", tiny_direction, "-m", tiny, "--out", str(run), "--overwrite"], 2, "'--direction'",
+          "input")
+    fails(capsys, ["export", "-d", tiny_direction, "-m", tiny, "--out", tiny, "--overwrite"], 2, "'--model'")
+    fails(capsys, ["suffix", "-d", tiny_direction, "-m", tiny, "--overwrite",
+                   "--out", str(run / "direction.json")], 2, "'--direction'")
+    fails(capsys, ["run", "-m", tiny, "--out", str(Path(tiny).parent), "--overwrite"], 2, "'--model'")
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert (Path(tiny) / "config.json").is_file()
+
+
 # 2. Ctrl-C ----------------------------------------------------------------------------------------------------
 
 
@@ -205,6 +218,8 @@ def test_harmful_train_prompt_in_harmless_test_split_is_refused_before_loading(t
     (["suffix", "-d", "x", "--objective", "target", "--target", " "], "--target"),
     (["suffix", "-d", "x", "--max-minutes", "0"], "--max-minutes"),
     (["suffix", "-d", "x", "--max-minutes", "inf"], "--max-minutes"),
+    (["suffix", "-d", "x", "--search-width", "0"], "--search-width"),
+    (["suffix", "-d", "x", "--search-width", "5000"], "--search-width"),
     (["suffix", "-d", "x", "--seed", "-1"], "--seed"),
     (["suffix", "-d", "x", "--seed", str(2**70)], "--seed"),
     (["hijack", "-d", "x", "--top-k", "0"], "--top-k"),
@@ -232,6 +247,20 @@ def test_unexpected_error_is_one_line_exit_1_and_debug_shows_traceback(monkeypat
     fails(capsys, ["extract", "--out", str(tmp_path / "c")], 1, "unexpected ValueError: something odd", "--debug")
     assert main(["--debug", "extract", "--out", str(tmp_path / "c")]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_is_quiet(monkeypatch, tmp_path, capsys):
+    import errno
+
+    import refusal_lens.cli as cli
+
+    def closed(*a, **k):
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_load", closed)
+    monkeypatch.setattr(sys, "stdout", sys.stdout)  # main() swaps stdout for /dev/null; restore it afterwards
+    assert main(["extract", "--out", str(tmp_path / "c")]) == 1
+    assert "error" not in capsys.readouterr().err
 
 
 # 6. files that are truncated, empty, incomplete or of the wrong kind ----------------------------------------------
@@ -359,6 +388,19 @@ def test_full_disk_detected_before_loading(monkeypatch, tmp_path, capsys):
     fails(capsys, ["extract", "-m", str(tmp_path / "nope.gguf"), "--out", str(tmp_path / "c")], 2, "MB free")
 
 
+def test_export_checks_room_for_the_weights_before_editing(monkeypatch, tiny, tiny_direction, tmp_path, capsys):
+    import shutil
+
+    import refusal_lens.io as rio
+
+    monkeypatch.setattr(rio.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 5 * 10**6))
+    fails(capsys, ["export", "-d", tiny_direction, "-m", tiny, "--out", str(tmp_path / "e")], 2, "MB free",
+          loads=True)
+    fails(capsys, ["export", "-d", tiny_direction, "-m", tiny, "--streaming", "--out", str(tmp_path / "e")], 2,
+          "MB free")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_disk_full_while_writing_leaves_nothing(monkeypatch, tiny, tmp_path, capsys):
     import refusal_lens.directions as rd
 
@@ -375,6 +417,11 @@ def test_refusal_id_beyond_vocabulary_is_refused_before_work(tiny, tmp_path, cap
     fails(capsys, ["run", "-m", tiny, "--refusal-ids", "1,99999", "--out", str(tmp_path / "r"), *_sets(tmp_path)],
           2, "99999", "vocabulary", loads=True)
     assert not (tmp_path / "r").exists()
+
+
+def test_layer_fraction_leaving_no_layer_is_refused_before_work(tiny, tmp_path, capsys):
+    fails(capsys, ["run", "-m", tiny, "--max-layer-frac", "0.2", "--out", str(tmp_path / "r"), *_sets(tmp_path)],
+          2, "--max-layer-frac", "no layer", loads=True)
 
 
 def test_long_instructions(tiny, tiny_direction, tmp_path, capsys):
@@ -410,6 +457,12 @@ def test_data_files_checked_before_the_model_loads(tmp_path, capsys):
 def test_other_models_direction_names_only_real_options(tiny, tmp_path, capsys):
     line = fails(capsys, ["evaluate", "-d", str(_direction(tmp_path)), "-m", tiny], 2, "other-model", loads=True)
     assert "--allow-other-model" not in line and "--model" in line
+
+
+def test_export_of_another_models_direction_names_allow_other_model(tiny, tmp_path, capsys):
+    fails(capsys, ["export", "-d", str(_direction(tmp_path)), "-m", tiny, "--out", str(tmp_path / "e")], 2,
+          "--allow-other-model", loads=True)
+    assert not (tmp_path / "e").exists()
 
 
 def test_hijack_more_heads_than_the_model_has(tiny, tiny_direction, tmp_path, capsys):

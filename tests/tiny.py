@@ -1,12 +1,16 @@
 """Tiny random chat models for fast, offline tests.
 
-Four architectures (Llama, Qwen2, Gemma2, GPT-2) share one byte-level BPE tokenizer of a few hundred
-tokens, trained in-process on a fixed corpus, with a small chat template. Everything is deterministic and
-needs no network.
+Nine architectures share one byte-level BPE tokenizer of a few hundred tokens, trained in-process on a
+fixed corpus, with a small chat template. Everything is deterministic and needs no network.
+
+* :data:`ARCHS` (Llama, Qwen2, Gemma2, GPT-2): the four most tests parametrize over.
+* :data:`ALL_ARCHS`: those plus Qwen3, Mistral, Gemma3 (text), Phi-3 and OLMo2 -- every family among
+  the paper's and today's common chat models that TransformerLens 4.3's bridge boots -- for
+  ``tests/test_architectures.py`` (the whole pipeline once per family).
 
 Usage::
 
-    from tiny import ARCHS, boot_tiny, make_hf_model, make_tokenizer, save_tiny
+    from tiny import ALL_ARCHS, ARCHS, boot_tiny, make_hf_model, make_tokenizer, save_tiny
 
 (``tests/`` has no ``__init__.py``; pytest's default ``prepend`` import mode puts it on ``sys.path``.)
 """
@@ -22,6 +26,9 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 ARCHS = ("llama", "qwen2", "gemma2", "gpt2")
+ALL_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "olmo2", "gpt2")
+#: Gemma's RMSNorms scale by ``(1 + weight)``; the others by ``weight``.
+GEMMA_ARCHS = ("gemma2", "gemma3")
 
 # ids 0..7 in this order. ``<|endoftext|>`` is unused, but transformers' AutoTokenizer loads a saved qwen2
 # folder as ``Qwen2Tokenizer``, which adds it (as id == vocab size, out of the embedding) when missing.
@@ -169,6 +176,69 @@ def _config(arch: str, vocab_size: int, ids: dict[str, int]) -> transformers.Pre
             tie_word_embeddings=True,
             **common,
         )
+    if arch == "qwen3":
+        return transformers.Qwen3Config(
+            hidden_size=D_MODEL,
+            intermediate_size=D_MLP,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=N_HEADS,
+            num_key_value_heads=N_KV_HEADS,
+            head_dim=D_HEAD,
+            max_position_embeddings=MAX_POSITIONS,
+            tie_word_embeddings=True,
+            **common,
+        )
+    if arch == "mistral":
+        return transformers.MistralConfig(
+            hidden_size=D_MODEL,
+            intermediate_size=D_MLP,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=N_HEADS,
+            num_key_value_heads=N_KV_HEADS,
+            head_dim=D_HEAD,
+            sliding_window=64,
+            max_position_embeddings=MAX_POSITIONS,
+            tie_word_embeddings=False,
+            **common,
+        )
+    if arch == "gemma3":
+        return transformers.Gemma3TextConfig(
+            hidden_size=D_MODEL,
+            intermediate_size=D_MLP,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=N_HEADS,
+            num_key_value_heads=N_KV_HEADS,
+            head_dim=D_HEAD,
+            query_pre_attn_scalar=D_HEAD,
+            sliding_window=64,
+            layer_types=["sliding_attention", "full_attention"][:N_LAYERS],
+            max_position_embeddings=MAX_POSITIONS,
+            tie_word_embeddings=True,
+            **common,
+        )
+    if arch == "phi3":
+        return transformers.Phi3Config(
+            hidden_size=D_MODEL,
+            intermediate_size=D_MLP,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=N_HEADS,
+            num_key_value_heads=N_KV_HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+            original_max_position_embeddings=MAX_POSITIONS,
+            tie_word_embeddings=False,
+            **common,
+        )
+    if arch == "olmo2":
+        return transformers.Olmo2Config(
+            hidden_size=D_MODEL,
+            intermediate_size=D_MLP,
+            num_hidden_layers=N_LAYERS,
+            num_attention_heads=N_HEADS,
+            num_key_value_heads=N_KV_HEADS,
+            max_position_embeddings=MAX_POSITIONS,
+            tie_word_embeddings=False,
+            **common,
+        )
     if arch == "gpt2":
         return transformers.GPT2Config(
             n_embd=D_MODEL,
@@ -179,7 +249,7 @@ def _config(arch: str, vocab_size: int, ids: dict[str, int]) -> transformers.Pre
             tie_word_embeddings=True,
             **common,
         )
-    raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    raise ValueError(f"unknown arch {arch!r}; expected one of {ALL_ARCHS}")
 
 
 def make_hf_model(arch: str, seed: int = 0) -> transformers.PreTrainedModel:
@@ -192,6 +262,9 @@ def make_hf_model(arch: str, seed: int = 0) -> transformers.PreTrainedModel:
         cfg, attn_implementation="eager", dtype=torch.float32
     )
     _reinit(model, arch, seed)
+    # As in a saved checkpoint: TransformerLens picks its adapter from ``architectures`` (it falls back to
+    # ``model_type`` only for some families, e.g. not for gemma3_text or olmo2).
+    model.config.architectures = [type(model).__name__]
     for key, value in ids.items():
         setattr(model.generation_config, key, value)
     model.eval()
@@ -209,8 +282,8 @@ def _reinit(model: transformers.PreTrainedModel, arch: str, seed: int) -> None:
     def randn(shape: torch.Size) -> torch.Tensor:
         return torch.randn(shape, generator=gen)
 
-    # Gemma2 multiplies the embedding by sqrt(d_model) on input; undo that so the blocks are not drowned out.
-    embed_std = EMBED_STD / D_MODEL**0.5 if arch == "gemma2" else EMBED_STD
+    # Gemma multiplies the embedding by sqrt(d_model) on input; undo that so the blocks are not drowned out.
+    embed_std = EMBED_STD / D_MODEL**0.5 if arch in GEMMA_ARCHS else EMBED_STD
     # Tied: logit std ~ sqrt(d_model) * embed_std * final gain (the final norm output has unit rms).
     tied = model.config.tie_word_embeddings
     final_gain = LOGIT_STD / (D_MODEL**0.5 * embed_std) if tied else 1.0
@@ -218,7 +291,7 @@ def _reinit(model: transformers.PreTrainedModel, arch: str, seed: int) -> None:
         is_norm = "norm" in name or ".ln_" in name
         if is_norm and name.endswith("weight"):
             gain = (1.0 + NORM_NOISE * randn(p.shape)) * (final_gain if name in _FINAL_NORMS else 1.0)
-            p.copy_(gain - 1.0 if arch == "gemma2" else gain)  # Gemma2RMSNorm scales by (1 + weight)
+            p.copy_(gain - 1.0 if arch in GEMMA_ARCHS else gain)  # Gemma's RMSNorm scales by (1 + weight)
         elif name.endswith("bias"):
             p.copy_(BIAS_STD * randn(p.shape))
         elif "embed" in name or name.startswith("transformer.wte") or name.startswith("transformer.wpe"):
@@ -245,3 +318,40 @@ def boot_tiny(arch: str, seed: int = 0, hf_model: transformers.PreTrainedModel |
     model = hf_model if hf_model is not None else make_hf_model(arch, seed=seed)
     name = f"tiny-random-{arch}"
     return TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=make_tokenizer(), device="cpu")
+
+
+def dispatch_tiny(arch: str, folder: str | os.PathLike, route: str = "from_pretrained"):
+    """``(bridge, source folder)``: a tiny model split by accelerate into in-memory and offloaded parts.
+
+    Layer 0 is offloaded to CPU RAM (``accelerate.cpu_offload``: its parameters are ``meta`` and their
+    values live in a state dict); the embedding and layer 1 go to "disk":
+
+    * ``route="from_pretrained"``: ``AutoModelForCausalLM.from_pretrained(src, device_map=...,
+      offload_folder=...)``; transformers points the disk entries at the source ``.safetensors`` file.
+    * ``route="dispatch_model"``: ``accelerate.dispatch_model(model, device_map, offload_dir=...)`` on an
+      in-memory model; accelerate writes the disk entries as ``.dat`` files into the offload folder.
+
+    The final norm stays in memory, the unembedding goes to disk (on this CPU machine a "cpu" entry is not offloaded:
+    accelerate offloads "cpu" entries only when a GPU is the main device).
+    """
+    import accelerate
+
+    from refusal_lens.models import boot_bridge
+
+    folder = Path(folder)
+    src = folder / "src"
+    if not src.exists():
+        save_tiny(arch, src)
+    device_map = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+    offload = folder / "offload"
+    if route == "from_pretrained":
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            src, device_map=device_map, offload_folder=offload, attn_implementation="eager"
+        )
+    elif route == "dispatch_model":
+        hf = accelerate.dispatch_model(make_hf_model(arch), device_map, offload_dir=offload)
+    else:
+        raise ValueError(f"unknown route {route!r}")
+    accelerate.cpu_offload(hf.model.layers[0], execution_device=torch.device("cpu"))
+    return boot_bridge(hf, make_tokenizer(), str(src)), src
