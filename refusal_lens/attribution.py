@@ -46,6 +46,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformer_lens.utilities import get_act_name
 
 from refusal_lens.directions import Direction
 from refusal_lens.errors import DataError, DirectionError, RefusalLensError
@@ -113,70 +114,57 @@ def head_label(layer: int, head: int) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _pos_index(positions: Sequence[int], seq_len: int) -> Tensor:
-    idx = torch.tensor([p if p < 0 else p - seq_len for p in positions], dtype=torch.long)
-    if (idx < -seq_len).any() or (idx >= 0).any():
+def _check_positions(positions: Sequence[int], seq_len: int) -> list[int]:
+    if any(p >= 0 or p < -seq_len for p in positions):
         raise AttributionError(f"Positions {list(positions)} are outside a sequence of {seq_len} tokens.")
-    return idx
+    return list(positions)
 
 
-def capture(
+def cache_at(
     model,
     batch: PromptBatch,
     names: Sequence[str],
     positions: Sequence[int],
     *,
     stop_at_layer: int | None = None,
-    query_names: Sequence[str] = (),
 ) -> dict[str, Tensor]:
-    """Run ``model`` once and keep only the activations at ``positions`` (negative offsets).
+    """``model.run_with_cache`` on one batch, keeping ``names`` at ``positions`` only, in float32.
+
+    TransformerLens does the capturing (``names_filter``, ``pos_slice``: the query axis for attention
+    patterns, axis 1 otherwise; ``stop_at_layer``: no block at or after it runs). Added here: the positions
+    are checked against the batch, and a requested hook that did not fire is an error (``run_with_cache``
+    stays silent when some names of a list match and others do not).
 
     Args:
-        names: hooks whose activation has the position on axis 1 (resid, hook_z, hook_scale, ...).
-        query_names: attention-pattern hooks ``[batch, head, q, k]``; the query axis is sliced.
-        stop_at_layer: stop before this block (hooks at or after it cannot fire).
+        names: hook names (:func:`transformer_lens.utilities.get_act_name`).
+        positions: negative offsets from the end of each (left-padded) prompt.
 
     Returns:
-        ``{name: activation[:, positions]}`` in float32 (patterns: ``[batch, head, n_pos, k]``).
+        ``{name: activation[:, positions]}`` (patterns: ``[batch, head, n_pos, key]``).
     """
-    seq = batch.input_ids.shape[1]
-    idx = _pos_index(positions, seq)
-    out: dict[str, Tensor] = {}
-
-    def store(name: str, query: bool) -> Callable:
-        def hook(act, hook):
-            sel = act[:, :, idx, :] if query else act[:, idx]
-            out[name] = sel.detach().to(torch.float32).clone()
-            return act
-
-        return hook
-
-    fwd = [(n, store(n, False)) for n in names] + [(n, store(n, True)) for n in query_names]
-    with torch.no_grad(), model.hooks(fwd_hooks=fwd):
-        result = model(batch.input_ids, attention_mask=batch.attention_mask, stop_at_layer=stop_at_layer)
-    if stop_at_layer is not None:
-        out["__stop_output__"] = result[:, idx].detach().to(torch.float32)
-    missing = [n for n in list(names) + list(query_names) if n not in out]
+    pos = _check_positions(positions, batch.input_ids.shape[1])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
+                                        names_filter=list(names), pos_slice=pos, stop_at_layer=stop_at_layer,
+                                        return_cache_object=False)
+    missing = [n for n in names if n not in cache]
     if missing:
-        raise AttributionError(
-            f"Hooks {missing} did not fire; the model lacks them or the run stopped early."
-        )
-    return out
+        raise AttributionError(f"Hooks {missing} did not fire; the model lacks them or the run stopped early.")
+    return {n: cache[n].to(torch.float32) for n in names}
 
 
-def resid_name(model, layer: int) -> str:
+def resid_hook_name(n_layers: int, layer: int) -> str:
     """Block ``layer``'s input; ``layer == n_layers`` names the final residual (before the final norm)."""
-    n = model.cfg.n_layers
-    return f"blocks.{layer}.hook_resid_pre" if layer < n else f"blocks.{n - 1}.hook_resid_post"
+    return get_act_name("resid_pre", layer) if layer < n_layers else get_act_name("resid_post", n_layers - 1)
 
 
 def component_hook_names(model, layer: int) -> list[str]:
     """Hooks whose activations make up ``resid_pre[layer]`` component by component."""
-    names = ["hook_embed"] + (["hook_pos_embed"] if has_pos_embed(model) else [])
+    names = [get_act_name("embed")] + ([get_act_name("pos_embed")] if has_pos_embed(model) else [])
     for l in range(layer):
-        names += [f"blocks.{l}.attn.hook_z", f"blocks.{l}.hook_mlp_out"]
+        names += [get_act_name("z", l), get_act_name("mlp_out", l)]
         if has_post_attn_norm(model, l):
-            names.append(f"blocks.{l}.ln1_post.hook_scale")
+            names.append(get_act_name("scale", l, "ln1_post"))
     return names
 
 
@@ -198,29 +186,34 @@ def project_components(
 ) -> Components:
     """Project every component of ``resid_pre[layer]`` with the linear map ``readout`` ([..., d] -> [...]).
 
-    ``acts`` comes from :func:`capture` with :func:`component_hook_names`. Results are averaged over the
+    ``acts`` comes from :func:`cache_at` with :func:`component_hook_names`. Results are averaged over the
     captured positions.
+
+    Per-head outputs are ``hook_z @ W_O`` computed here: ``ActivationCache.stack_head_results`` does the same
+    product but needs ``hook_z`` of every layer (so no ``stop_at_layer``), and Gemma-2's ``ln1_post``
+    linearisation below must act on each head's output.
     """
     heads, mlps, biases = [], [], []
     for l in range(layer):
-        z = acts[f"blocks.{l}.attn.hook_z"]  # [b, p, head, d_head]
+        z = acts[get_act_name("z", l)]  # [b, p, head, d_head]
         W_O = model.blocks[l].attn.W_O.detach().to(torch.float32)  # [head, d_head, d_model]
         per_head = torch.einsum("bphd,hdm->bphm", z, W_O)
         bias = attn_bias(model, l)
         bias_out = torch.zeros_like(per_head[:, :, 0]) if bias is None else bias.expand_as(per_head[:, :, 0])
         if has_post_attn_norm(model, l):  # Gemma-2: linearise ln1_post with the clean run's scale
-            scale = acts[f"blocks.{l}.ln1_post.hook_scale"]  # [b, p, 1]
+            scale = acts[get_act_name("scale", l, "ln1_post")]  # [b, p, 1]
             gain = norm_gain(model.blocks[l].ln1_post)
             per_head = per_head / scale.unsqueeze(2) * gain
             bias_out = bias_out / scale * gain
         heads.append(readout(per_head).mean(1))  # [b, head]
         biases.append(readout(bias_out).mean(1))
-        mlps.append(readout(acts[f"blocks.{l}.hook_mlp_out"]).mean(1))
-    b = acts["hook_embed"].shape[0]
+        mlps.append(readout(acts[get_act_name("mlp_out", l)]).mean(1))
+    embed = acts[get_act_name("embed")]
+    b = embed.shape[0]
     n_heads = int(model.cfg.n_heads)
-    other = {"embed": readout(acts["hook_embed"]).mean(1)}
-    if "hook_pos_embed" in acts:
-        pos = acts["hook_pos_embed"]
+    other = {"embed": readout(embed).mean(1)}
+    if get_act_name("pos_embed") in acts:
+        pos = acts[get_act_name("pos_embed")]
         other["pos_embed"] = readout(pos.expand(b, *pos.shape[1:])).mean(1)
     return Components(
         heads=torch.stack(heads, 1) if heads else torch.zeros(b, 0, n_heads),
@@ -343,55 +336,11 @@ class Attribution:
         return torch.stack([self.heads[:, l, h] for l, h in heads], 1)
 
     def plot(self, k: int = 15, title: str | None = None):
-        """Plotly figure: a layer x head heatmap of mean head terms and a bar chart of the top-``k`` terms."""
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
+        """Plotly figure: a layer x head heatmap of mean head terms and a bar chart of the top-``k`` terms
+        (:func:`refusal_lens.plots.attribution_figure`)."""
+        from refusal_lens.plots import attribution_figure
 
-        title = title or self.metadata.get("title", self.kind)
-        fig = make_subplots(
-            rows=1,
-            cols=2,
-            column_widths=[0.55, 0.45],
-            horizontal_spacing=0.12,
-            subplot_titles=("heads (mean over prompts)", f"top {k} terms by |value|"),
-        )
-        mean = self.mean_heads().numpy()
-        lim = float(abs(mean).max()) if mean.size else 1.0
-        fig.add_trace(
-            go.Heatmap(
-                z=mean,
-                x=[f"H{h}" for h in range(self.n_heads)],
-                y=[f"L{l}" for l in range(self.n_layers)],
-                colorscale="RdBu",
-                zmid=0.0,
-                zmin=-lim,
-                zmax=lim,
-                colorbar=dict(x=0.5, len=0.9),
-                hovertemplate="%{y}%{x}: %{z:.4f}<extra></extra>",
-            ),
-            row=1,
-            col=1,
-        )
-        top = self.top(k, kind="all", sort="abs")[::-1]
-        fig.add_trace(
-            go.Bar(
-                x=[v for _, v in top],
-                y=[n for n, _ in top],
-                orientation="h",
-                marker_color=["#c0392b" if v > 0 else "#2e86c1" for _, v in top],
-                hovertemplate="%{y}: %{x:.4f}<extra></extra>",
-            ),
-            row=1,
-            col=2,
-        )
-        fig.update_yaxes(autorange="reversed", row=1, col=1)
-        total = float(self.total.mean()) if self.n_prompts else float("nan")
-        fig.update_layout(
-            title=f"{title} (total {total:.3f}, {self.n_prompts} prompts)",
-            height=max(350, 22 * self.n_layers + 150),
-            showlegend=False,
-        )
-        return fig
+        return attribution_figure(self, k, title)
 
     def to_dict(self) -> dict:
         return {
@@ -543,14 +492,15 @@ def direction_attribution(
     def readout(x: Tensor) -> Tensor:
         return x @ r
 
-    names = component_hook_names(model, layer) + [resid_name(model, layer)]
+    resid = resid_hook_name(n_layers, layer)
+    names = component_hook_names(model, layer) + [resid]
     stop = layer + 1 if layer < n_layers else None
     parts, totals = [], []
     items = _iter_batches(model, prompts, batch_size, fmt, suffix)
     for batch in tqdm(items, desc="direction attribution", disable=not progress, leave=False):
-        acts = capture(model, batch, names, positions, stop_at_layer=stop)
+        acts = cache_at(model, batch, names, positions, stop_at_layer=stop)
         parts.append(project_components(model, acts, layer, readout))
-        totals.append(readout(acts[resid_name(model, layer)]).mean(1))
+        totals.append(readout(acts[resid]).mean(1))
     comp = _cat(parts)
     where = "the final residual" if layer == n_layers else f"layer {layer}'s input"
     return DirectionAttribution(
@@ -628,14 +578,15 @@ def logit_attribution(
     ln = model.ln_final
     gain, beta, centre = norm_gain(ln), norm_bias(ln), is_layernorm(ln)
     n_layers = int(model.cfg.n_layers)
-    names = component_hook_names(model, n_layers) + ["ln_final.hook_scale", "unembed.hook_out"]
+    # ``unembed.hook_out`` (the bridge's name, no get_act_name shorthand) holds the logits before a softcap
+    names = component_hook_names(model, n_layers) + [get_act_name("scale"), "unembed.hook_out"]
     diff_ids = (ids_a, ids_b)
 
     parts, totals, consts = [], [], []
     items = _iter_batches(model, prompts, batch_size, fmt, suffix)
     for batch in tqdm(items, desc="logit attribution", disable=not progress, leave=False):
-        acts = capture(model, batch, names, positions)
-        scale = acts["ln_final.hook_scale"]  # [b, p, 1]
+        acts = cache_at(model, batch, names, positions)
+        scale = acts[get_act_name("scale")]  # [b, p, 1]
 
         def readout(x: Tensor, scale=scale) -> Tensor:
             if centre:

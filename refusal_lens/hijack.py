@@ -33,8 +33,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformer_lens.utilities import get_act_name
 
-from refusal_lens.attribution import capture, component_hook_names, head_label, project_components
+from refusal_lens.attribution import (
+    cache_at,
+    component_hook_names,
+    head_label,
+    project_components,
+    resid_hook_name,
+)
 from refusal_lens.directions import Direction
 from refusal_lens.errors import DataError, RefusalLensError
 from refusal_lens.evaluate import coherence, refusal_score
@@ -46,7 +53,6 @@ from refusal_lens.suffix import random_suffix as draw_random_suffix
 FORMAT_VERSION = 1
 SPANS = ("instruction", "suffix", "template", "first_token")
 HARMFUL, ADVERSARIAL, RANDOM, HARMLESS = "harmful", "harmful+adversarial", "harmful+random", "harmless"
-COLORS = {HARMFUL: "#c0392b", ADVERSARIAL: "#8e44ad", RANDOM: "#e67e22", HARMLESS: "#27ae60"}
 
 
 class HijackError(RefusalLensError):
@@ -176,216 +182,55 @@ class HijackReport:
             )
         return out
 
-    # ---- figures ----
+    # ---- figures (drawn by refusal_lens.plots) ----
 
     def plot_cosine(self):
-        import plotly.graph_objects as go
+        from refusal_lens.plots import hijack_cosine
 
-        fig = go.Figure()
-        x = list(range(len(self.layer_labels)))
-        for c in self.conditions:
-            mean = self.cosine_mean[c]
-            std = self.cosine_std[c]
-            color = COLORS.get(c, "#555")
-            upper = [m + s for m, s in zip(mean, std, strict=True)]
-            lower = [m - s for m, s in zip(mean, std, strict=True)]
-            fig.add_trace(
-                go.Scatter(
-                    x=x + x[::-1],
-                    y=upper + lower[::-1],
-                    fill="toself",
-                    fillcolor=color,
-                    opacity=0.15,
-                    line=dict(width=0),
-                    hoverinfo="skip",
-                    showlegend=False,
-                )
-            )
-            fig.add_trace(
-                go.Scatter(
-                    x=x,
-                    y=mean,
-                    mode="lines+markers",
-                    name=c,
-                    line=dict(color=color),
-                    customdata=std,
-                    hovertemplate=f"{c}<br>layer %{{x}}: %{{y:.3f}} ± %{{customdata:.3f}}<extra></extra>",
-                )
-            )
-        layer = self.metadata.get("direction_layer")
-        if layer is not None:
-            fig.add_vline(x=layer, line_dash="dot", annotation_text="direction layer")
-        fig.update_layout(
-            title="cosine of the last-token residual with the refusal direction (mean ± std)",
-            xaxis=dict(
-                title="layer (block input; last = final residual)", tickvals=x, ticktext=self.layer_labels
-            ),
-            yaxis_title="cosine similarity",
-            height=420,
-        )
-        return fig
+        return hijack_cosine(self)
 
     def plot_attribution(self):
-        import plotly.graph_objects as go
+        from refusal_lens.plots import hijack_attribution
 
-        fig = go.Figure()
-        for c in self.conditions:
-            fig.add_trace(
-                go.Bar(
-                    x=self.head_labels,
-                    y=self.head_attr_mean[c],
-                    name=c,
-                    marker_color=COLORS.get(c, "#555"),
-                    error_y=dict(type="data", array=self.head_attr_std[c], visible=True),
-                )
-            )
-        fig.update_layout(
-            barmode="group",
-            height=420,
-            yaxis_title="direct attribution onto the direction",
-            title=f"top {len(self.top_heads)} heads by direct attribution (chosen on harmful, "
-            f"no suffix), at layer {self.metadata.get('direction_layer')}'s input",
-        )
-        return fig
+        return hijack_attribution(self)
 
     def plot_attention_mass(self):
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
+        from refusal_lens.plots import hijack_attention_mass
 
-        spans = [s for s in SPANS if any(s in self.attention_mass[c] for c in self.conditions)]
-        fig = make_subplots(
-            rows=1, cols=len(spans), subplot_titles=[f"attention to {s}" for s in spans], shared_yaxes=True
-        )
-        for j, s in enumerate(spans, start=1):
-            for c in self.conditions:
-                vals = self.attention_mass[c].get(s)
-                if vals is None:
-                    continue
-                fig.add_trace(
-                    go.Bar(
-                        x=self.head_labels,
-                        y=vals,
-                        name=c,
-                        legendgroup=c,
-                        showlegend=j == 1,
-                        marker_color=COLORS.get(c, "#555"),
-                    ),
-                    row=1,
-                    col=j,
-                )
-        fig.update_layout(
-            barmode="group",
-            height=420,
-            yaxis_title="share of last-token attention",
-            title="where the top heads look from the last token (mean over prompts)",
-        )
-        return fig
+        return hijack_attention_mass(self)
 
     def plot_attention_tokens(self):
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
+        from refusal_lens.plots import hijack_attention_tokens
 
-        conds = [c for c in self.conditions if c in self.examples]
-        if not conds:
-            return go.Figure()
-        fig = make_subplots(
-            rows=len(conds),
-            cols=1,
-            vertical_spacing=0.08,
-            subplot_titles=[f"{c}: {self.examples[c]['instruction'][:70]!r}" for c in conds],
-        )
-        for i, c in enumerate(conds, start=1):
-            ex = self.examples[c]
-            toks, spans = ex["tokens"], ex["spans"]
-            z = ex["attention"]
-            hover = [
-                [
-                    f"{self.head_labels[h]} -> #{t} {toks[t]!r} [{spans[t]}]: {z[h][t]:.3f}"
-                    for t in range(len(toks))
-                ]
-                for h in range(len(z))
-            ]
-            fig.add_trace(
-                go.Heatmap(
-                    z=z,
-                    x=list(range(len(toks))),
-                    y=self.head_labels,
-                    text=hover,
-                    hoverinfo="text",
-                    colorscale="Viridis",
-                    zmin=0,
-                    showscale=i == 1,
-                ),
-                row=i,
-                col=1,
-            )
-            # shade the suffix span
-            suf = [t for t, s in enumerate(spans) if s == "suffix"]
-            if suf:
-                fig.add_vrect(
-                    x0=suf[0] - 0.5, x1=suf[-1] + 0.5, line_color="white", line_width=2, row=i, col=1
-                )
-        fig.update_layout(
-            height=260 * len(conds) + 80,
-            title="last-token attention of the top heads over the prompt's tokens "
-            "(hover for tokens; white box = suffix)",
-        )
-        return fig
+        return hijack_attention_tokens(self)
 
     def plot_behaviour(self):
-        import plotly.graph_objects as go
+        from refusal_lens.plots import hijack_behaviour
 
-        fig = go.Figure()
-        for c in self.conditions:
-            b = self.behaviour.get(c)
-            if not b:
-                continue
-            keys = ["refusal_score", "coherent_fraction", "echoes_suffix"]
-            fig.add_trace(go.Bar(x=keys, y=[b[k] for k in keys], name=c, marker_color=COLORS.get(c, "#555")))
-        fig.update_layout(
-            barmode="group", height=380, yaxis=dict(range=[0, 1], title="share of completions"),
-            title=f"greedy completions ({self.metadata.get('max_new_tokens')} tokens): refused, coherent, "
-            "echoing the suffix",
-        )
-        return fig
+        return hijack_behaviour(self)
 
     def plot(self) -> dict:
-        """All figures: ``behaviour`` (when completions were generated), ``cosine``, ``attribution``,
-        ``attention_mass``, ``attention_tokens``."""
-        return {
-            **({"behaviour": self.plot_behaviour()} if self.behaviour else {}),
-            "cosine": self.plot_cosine(),
-            "attribution": self.plot_attribution(),
-            "attention_mass": self.plot_attention_mass(),
-            "attention_tokens": self.plot_attention_tokens(),
-        }
+        """All figures (:func:`refusal_lens.plots.hijack_figures`): ``behaviour`` (when completions were
+        generated), ``cosine``, ``attribution``, ``attention_mass``, ``attention_tokens``."""
+        from refusal_lens.plots import hijack_figures
+
+        return hijack_figures(self)
 
     # ---- persistence ----
 
     def to_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, **asdict(self), "summary": self.summary()}
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``hijack.json`` and ``hijack.html`` (self-contained plotly figures) into ``directory``."""
+    def save(self, directory: str | Path, *, html: bool = True) -> Path:
+        """Write ``hijack.json`` (and, with ``html``, the page ``hijack.html`` of
+        :func:`refusal_lens.report.write_hijack_report`) into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "hijack.json").write_text(json.dumps(self.to_dict(), indent=1))
-        figs = self.plot()
-        parts = []
-        for i, fig in enumerate(figs.values()):
-            parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
-        summary = json.dumps(self.summary(), indent=1)
-        html = (
-            "<!DOCTYPE html><html><head><meta charset='utf-8'><title>refusal-lens: adversarial suffix "
-            "hijacking</title></head><body style='font-family:sans-serif;max-width:1200px;margin:auto'>"
-            "<h1>Adversarial suffixes and the refusal direction</h1>"
-            f"<p>Model: {self.metadata.get('model_id')}; direction at layer "
-            f"{self.metadata.get('direction_layer')}, position {self.metadata.get('direction_position')}. "
-            f"Adversarial suffix: <code>{_esc(self.metadata.get('suffix'))}</code>; random suffix: "
-            f"<code>{_esc(self.metadata.get('random_suffix'))}</code>.</p>"
-            f"<pre>{_esc(summary)}</pre>" + "".join(parts) + "</body></html>"
-        )
-        (directory / "hijack.html").write_text(html, encoding="utf-8")
+        if html:
+            from refusal_lens.report import write_hijack_report
+
+            write_hijack_report(self, directory / "hijack.html")
         return directory
 
     @classmethod
@@ -399,12 +244,6 @@ class HijackReport:
         d.pop("format_version", None)
         d.pop("summary", None)
         return cls(**d)
-
-
-def _esc(x) -> str:
-    import html
-
-    return html.escape(str(x))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,16 +284,15 @@ def _run_condition(
     n_layers = int(model.cfg.n_layers)
     L = direction.layer
     r = direction.vector.to(torch.float32)
-    resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
-    resid_names.append(f"blocks.{n_layers - 1}.hook_resid_post")
-    names = list(dict.fromkeys(resid_names + component_hook_names(model, L)))
-    pattern_names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(L)]
+    resid_names = [resid_hook_name(n_layers, layer) for layer in range(n_layers + 1)]
+    pattern_names = [get_act_name("pattern", layer) for layer in range(L)]
+    names = list(dict.fromkeys(resid_names + component_hook_names(model, L) + pattern_names))
     cos_all, heads_all, total_all, mass_all = [], [], [], []
     example = None
     tok = model.tokenizer
     bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
     for batch in batches(tok, instructions, batch_size, fmt, suffix=suffix):
-        acts = capture(model, batch, names, [-1], query_names=pattern_names)
+        acts = cache_at(model, batch, names, [-1])
         resid = torch.stack([acts[n][:, 0] for n in resid_names], 1)  # [b, n_layers + 1, d]
         cos_all.append(torch.nn.functional.cosine_similarity(resid, r.expand_as(resid), dim=-1))
         comp = project_components(model, acts, L, lambda x: x @ r)

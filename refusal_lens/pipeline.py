@@ -8,7 +8,10 @@ at the end, so an interrupted run leaves nothing behind):
 * ``selection.json`` -- every candidate's bypass / induce / KL scores and the rule that picked,
 * ``evaluation.json`` -- refusal scores, coherence, KL and CE per condition on the test split,
 * ``completions.jsonl`` -- every completion, one line per (instruction, condition),
-* ``report.html`` -- a self-contained report with plotly figures.
+* ``report.html`` -- a self-contained page of tables and plotly figures (:func:`refusal_lens.report.write_run_report`).
+
+It returns a :class:`RunResult`, which :meth:`RunResult.save` writes as these files and
+:meth:`RunResult.load` reads back.
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ from refusal_lens.evaluate import (
 )
 from refusal_lens.interventions import generate
 from refusal_lens.io import atomic_dir, check_output_dir
+from refusal_lens.jsonio import json_safe
 from refusal_lens.models import model_id
+from refusal_lens.report import write_run_report
 from refusal_lens.selection import Selection, select_direction
 
 logger = logging.getLogger(__name__)
@@ -269,12 +274,52 @@ def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids,
 
 @dataclass
 class RunResult:
+    """What :func:`run_pipeline` found; :meth:`save` writes the run folder, :meth:`load` reads it back.
+
+    Attributes:
+        out: the run folder.
+        direction, selection, candidates: the pick, every candidate's scores, every candidate.
+        evaluation: refusal scores, coherence, KL and CE per condition (``evaluation.json``).
+        completions: one ``{"instruction", "condition", "completion"}`` per generation.
+        seconds: wall time of the run (s); ``timings``: per step (s).
+    """
+
     out: Path
     direction: Direction
     selection: Selection
     evaluation: dict
     seconds: float
     timings: dict
+    candidates: Candidates | None = None
+    completions: list[dict] = field(default_factory=list)
+
+    def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the run folder of the module doc (``report.html`` included) atomically; an existing
+        ``folder`` is replaced only with ``overwrite``."""
+        with atomic_dir(folder, overwrite=overwrite) as tmp:
+            self._write_into(tmp)
+        return Path(folder)
+
+    def _write_into(self, folder: Path) -> None:
+        if self.candidates is not None:
+            self.candidates.save(folder / "candidates")
+        self.direction.save(folder / "direction")
+        self.selection.save(folder / "selection.json")
+        with open(folder / "completions.jsonl", "w") as f:
+            for r in self.completions:
+                f.write(json.dumps(r) + "\n")
+        (folder / "evaluation.json").write_text(json.dumps(json_safe(self.evaluation), indent=1))
+        write_run_report(folder / "report.html", self.direction, self.selection, self.evaluation, self.completions)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> RunResult:
+        """Read a run folder written by :func:`run_pipeline` (or :meth:`save`)."""
+        folder = Path(folder)
+        evaluation = json.loads((folder / "evaluation.json").read_text())
+        lines = (folder / "completions.jsonl").read_text().splitlines()
+        return cls(folder, Direction.load(folder / "direction"), Selection.load(folder / "selection.json"),
+                   evaluation, float(evaluation.get("seconds_total") or math.nan), evaluation.get("timings_s", {}),
+                   Candidates.load(folder / "candidates"), [json.loads(x) for x in lines if x.strip()])
 
 
 def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwrite: bool = False,
@@ -312,7 +357,6 @@ def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwr
         cands = candidate_directions(model, splits.harmful["train"], splits.harmless["train"], batch_size=cfg.batch_size)
         cands.provenance.update(split="train", data=cfg.harmful_path or "built-in", version=__version__,
                                 filtering=filtering)
-        cands.save(tmp / "candidates")
 
         phases.start("select")
         console.print("[bold]2/4 select[/]: bypass / induce / KL on the val split")
@@ -326,8 +370,6 @@ def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwr
         selection.config["addition_coeff_search"] = {"chosen": coeff, "share_metric_positive_by_coeff": shares}
         direction.provenance.update(refusal_tokens=rtoks.strings, addition_coeff=coeff, run_config=asdict(cfg),
                                     filtering=filtering)
-        direction.save(tmp / "direction")
-        selection.save(tmp / "selection.json")
         phases.stop()
         console.print(f"  selected layer {direction.layer}, position {direction.position} ({selection.rule_text})")
 
@@ -340,89 +382,17 @@ def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwr
                           refusal_tokens=rtoks.strings)
 
         phases.start("report")
-        with open(tmp / "completions.jsonl", "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
         evaluation["timings_s"] = timings
         evaluation["seconds_total"] = round(time.perf_counter() - t0, 1)
-        write_run_report(tmp / "report.html", direction, selection, evaluation, rows)
-        phases.stop()  # evaluation.json last, so that it keeps the report's time too
+        result = RunResult(Path(out), direction, selection, evaluation, math.nan, timings, cands, rows)
+        result._write_into(tmp)  # inside the run's own atomic folder
+        phases.stop()  # evaluation.json again, so that it keeps the report's time too
         evaluation["seconds_total"] = round(time.perf_counter() - t0, 1)
-        (tmp / "evaluation.json").write_text(json.dumps(_clean(evaluation), indent=1))
-    result = RunResult(Path(out), direction, selection, evaluation, time.perf_counter() - t0, timings)
+        (tmp / "evaluation.json").write_text(json.dumps(json_safe(evaluation), indent=1))
+    result.seconds = time.perf_counter() - t0
     if export_dir is not None:
         from refusal_lens.export import export
 
         console.print(f"[bold]4/4 export[/] orthogonalized model -> {export_dir}")
         export(model, direction, export_dir, overwrite=overwrite, evaluation=evaluation)
     return result
-
-
-def _clean(obj):
-    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def _filtering_text(filtering: dict | None) -> str:
-    if not filtering:
-        return "Train and val prompts were used unfiltered."
-    parts = ", ".join(f"{k.replace('_', ' ')} {v['used']} used ({v['kept']} of {v['scored']} passed)"
-                      for k, v in filtering.items())
-    return ("The paper's filtering kept harmful train/val prompts the model refuses and harmless ones it "
-            f"answers (refusal metric &gt; 0 / &lt; 0): {parts}. The test split is not filtered.")
-
-
-def write_run_report(path: Path, direction: Direction, selection: Selection, evaluation: dict, rows: list[dict]) -> Path:
-    """The run's self-contained ``report.html``."""
-    import html
-
-    from refusal_lens.report import CONDITION_LABELS, completions_table, refusal_bars, write_report
-
-    c = evaluation["conditions"]
-    warn = "" if selection.passed_paper_filters else (
-        f"<p class='warn'>No candidate passed the paper's filters (induce &gt; 0, KL &lt; {selection.config['max_kl']}, "
-        f"layer &lt; {selection.config['max_layer_frac']}L). The direction was picked by: "
-        f"<b>{html.escape(selection.rule_text)}</b>.</p>")
-    summary = (
-        f"<p>Model <code>{html.escape(evaluation['model_id'])}</code>. Selected direction: layer "
-        f"<b>{direction.layer}</b>, post-instruction position <b>{direction.position}</b> "
-        f"(bypass {selection.score_of(direction.layer, direction.position).bypass:.2f}, "
-        f"induce {selection.score_of(direction.layer, direction.position).induce:.2f}, "
-        f"KL {selection.score_of(direction.layer, direction.position).kl:.3f}). Refusal tokens: "
-        f"{html.escape(', '.join(repr(s) for s in evaluation['refusal_tokens']))}.</p>{warn}"
-        f"<p>{_filtering_text(evaluation.get('filtering'))}</p>"
-        f"<ul><li>harmful refusal: {c['harmful_baseline']['refusal_score']:.2f} baseline -> "
-        f"{c['harmful_ablated']['refusal_score']:.2f} ablated "
-        f"({c['harmful_ablated']['coherent_fraction']:.0%} coherent)</li>"
-        f"<li>harmless refusal: {c['harmless_baseline']['refusal_score']:.2f} baseline, "
-        f"{evaluation['addition']['coeff1_refusal']:.2f} with the direction added (coeff 1), "
-        f"{evaluation['addition']['tuned_refusal']:.2f} at coeff {evaluation['addition']['tuned_coeff']}</li>"
-        f"<li>KL(base || ablated) on harmless test, last token: {evaluation['kl_harmless_test_last_token']:.3f}; "
-        f"CE on harmless completions {evaluation['ce_loss_harmless_completions']['baseline']:.3f} -> "
-        f"{evaluation['ce_loss_harmless_completions']['ablated']:.3f}</li>"
-        f"<li>wall time {evaluation['seconds_total']:.0f} s ({evaluation['timings_s']})</li></ul>")
-    conds = [k for k in CONDITION_LABELS if k in c]
-    by_instr: dict[str, dict] = {}
-    for r in rows:
-        by_instr.setdefault(r["instruction"], {"instruction": r["instruction"]})[r["condition"]] = r["completion"]
-    harmful_rows = [v for v in by_instr.values() if "harmful_baseline" in v]
-    harmless_rows = [v for v in by_instr.values() if "harmless_baseline" in v]
-    sections = [
-        ("Sample completions: harmful prompts", completions_table(harmful_rows, [k for k in conds if k.startswith("harmful")])),
-        ("Sample completions: harmless prompts", completions_table(harmless_rows, [k for k in conds if k.startswith("harmless")])),
-        ("Selection notes", "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in selection.notes) + "</ul>"),
-    ]
-    return write_report(path, title="refusal-lens run", summary_html=summary,
-                        figures=[refusal_bars(evaluation), selection.plot()], sections=sections)
-
-
-def load_run(out: str | Path) -> tuple[Direction, Selection, dict, Candidates]:
-    """Read a run folder back."""
-    out = Path(out)
-    return (Direction.load(out / "direction"), Selection.load(out / "selection.json"),
-            json.loads((out / "evaluation.json").read_text()), Candidates.load(out / "candidates"))

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import torch
 from jaxtyping import Int
 from torch import Tensor
 
@@ -149,9 +148,6 @@ class PromptBatch:
     def __len__(self) -> int:
         return len(self.instructions)
 
-    def to(self, device) -> PromptBatch:
-        return PromptBatch(self.input_ids.to(device), self.attention_mask.to(device), self.instructions)
-
 
 def tokenize_instructions(
     tokenizer, instructions: Sequence[str], fmt: ChatFormat | None = None, *, suffix: str = ""
@@ -193,8 +189,3 @@ def position_ids_from_mask(attention_mask: Int[Tensor, "batch seq"]) -> Int[Tens
     """Position ids that start at 0 on each row's first real token (for left-padded batches)."""
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp(min=0)
-
-
-def last_token_index(attention_mask: Int[Tensor, "batch seq"]) -> Tensor:
-    """Index of the last real token per row (``seq - 1`` under left padding)."""
-    return torch.full((attention_mask.shape[0],), attention_mask.shape[1] - 1, dtype=torch.long)

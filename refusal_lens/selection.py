@@ -46,11 +46,13 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformer_lens.utilities import get_act_name
 
 from refusal_lens.directions import Candidates, Direction
 from refusal_lens.errors import DataError, DirectionError
 from refusal_lens.evaluate import kl_last, last_logits, last_position_logits, refusal_metric_from_logits
 from refusal_lens.interventions import Ablation, Addition, Intervention
+from refusal_lens.jsonio import json_safe
 
 FALLBACKS = (
     "paper: induce > 0, KL < max_kl, layer < max_layer_frac * L; lowest bypass",
@@ -136,7 +138,7 @@ class Selection:
         """Write JSON atomically; an existing file is replaced only with ``overwrite``, a link never."""
         from refusal_lens.io import write_text_atomic
 
-        return write_text_atomic(path, json.dumps(_nan_to_none(self.to_dict()), indent=1), overwrite=overwrite)
+        return write_text_atomic(path, json.dumps(json_safe(self.to_dict()), indent=1), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> Selection:
@@ -147,41 +149,11 @@ class Selection:
         return cls(**d)
 
     def plot(self):
-        """Plotly heatmaps of bypass / induce / KL over layer x position, the pick marked with a star."""
-        import plotly.graph_objects as go
-        from plotly.subplots import make_subplots
+        """Heatmaps of bypass / induce / KL over layer x position, the pick starred
+        (:func:`refusal_lens.plots.selection_heatmaps`)."""
+        from refusal_lens.plots import selection_heatmaps
 
-        metrics = [("bypass", "bypass (lower = refusal removed)"), ("induce", "induce (> 0 = refusal added)"),
-                   ("kl", "KL on harmless"), ("screen_bypass", "screening bypass"),
-                   ("screen_kl", "screening KL")]
-        metrics = [m for m in metrics if not torch.isnan(self.grid(m[0])).all()]
-        fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=[t for _, t in metrics], shared_yaxes=True)
-        x = [str(p) for p in self.positions]
-        for c, (m, _title) in enumerate(metrics, start=1):
-            z = self.grid(m).tolist()
-            z = [[None if math.isnan(v) else v for v in row] for row in z]
-            fig.add_trace(go.Heatmap(z=z, x=x, y=list(range(self.n_layers)), colorscale="RdBu_r" if m != "kl" else "Viridis",
-                                     colorbar={"x": c / len(metrics) - 0.02, "len": 0.8}, name=m,
-                                     hovertemplate="layer %{y}, pos %{x}<br>" + m + " %{z:.3f}<extra></extra>"), 1, c)
-            fig.add_trace(go.Scatter(x=[str(self.position)], y=[self.layer], mode="markers",
-                                     marker={"symbol": "star", "size": 16, "color": "gold",
-                                             "line": {"color": "black", "width": 1}},
-                                     name="selected", showlegend=c == 1), 1, c)
-            fig.update_xaxes(title_text="post-instruction position", row=1, col=c)
-        fig.update_yaxes(title_text="layer", row=1, col=1)
-        fig.update_layout(title=f"Direction selection: layer {self.layer}, position {self.position} ({self.rule_text})",
-                          height=480)
-        return fig
-
-
-def _nan_to_none(obj):
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_nan_to_none(v) for v in obj]
-    return obj
+        return selection_heatmaps(self)
 
 
 def _metric(model, prompts, refusal_ids, intervention: Intervention, batch_size) -> float:
@@ -203,11 +175,11 @@ def score_candidate(model, direction: Direction, harmful_val: Sequence[str], har
 
 def _write_hooks(model) -> list[str]:
     """Hook names of every write into the residual stream, in order."""
-    names = ["hook_embed"]
-    if "hook_pos_embed" in model.hook_dict:
-        names.append("hook_pos_embed")
+    names = [get_act_name("embed")]
+    if get_act_name("pos_embed") in model.hook_dict:
+        names.append(get_act_name("pos_embed"))
     for layer in range(model.cfg.n_layers):
-        names += [f"blocks.{layer}.hook_attn_out", f"blocks.{layer}.hook_mlp_out"]
+        names += [get_act_name("attn_out", layer), get_act_name("mlp_out", layer)]
     return names
 
 

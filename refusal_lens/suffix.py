@@ -24,10 +24,9 @@ Objectives:
 
 The template + instruction prefix is the same for every candidate of a prompt, so its key/value cache is
 computed once and reused (``prefix_cache=True``); each candidate then costs only its suffix and the
-post-instruction tokens. CPU cost on the embedded Qwen2.5-0.5B (2 cores, fp32): 32 candidates x 21 tokens
-to layer 14 take about 1 s on an idle machine. Measured: a universal search over 8 prompts, 16 tokens,
-width 32, ran 31 steps in 2,277 s wall / 1,503 s process CPU on a machine shared with other jobs (torch's
-two threads slow down about 4x when another process holds a core; ``torch.set_num_threads(1)`` helps then).
+post-instruction tokens. A step costs, per prompt, one gradient pass and ``search_width`` candidate passes
+of those few tokens through the blocks up to the deepest objective layer; the README's suffix section gives
+measured times.
 
 Example:
     >>> res = search_suffix(model, harmful[:8], direction=d, n_tokens=16, steps=40, search_width=32)
@@ -53,6 +52,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from refusal_lens.attribution import resid_hook_name
 from refusal_lens.directions import Direction
 from refusal_lens.errors import DataError, DirectionError, RefusalLensError
 from refusal_lens.prompts import ChatFormat, chat_format
@@ -209,26 +209,10 @@ class SuffixResult:
             raise SuffixError(f"{path} is not a suffix file written by SuffixResult.save ({e}).") from e
 
     def plot(self):
-        """Plotly line chart of the loss per step (and the running best)."""
-        import plotly.graph_objects as go
+        """Plotly line chart of the loss per step and the running best (:func:`refusal_lens.plots.suffix_losses`)."""
+        from refusal_lens.plots import suffix_losses
 
-        steps = list(range(len(self.losses) + 1))
-        values = [self.initial_loss] + list(self.losses) if self.initial_loss is not None else self.losses
-        best, run = [], float("inf")
-        for v in values:
-            run = min(run, v)
-            best.append(run)
-        fig = go.Figure()
-        fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name="current"))
-        fig.add_trace(go.Scatter(x=steps, y=best, mode="lines", name="best", line=dict(dash="dash")))
-        objective = self.config.get("objective", "")
-        fig.update_layout(
-            title=f"suffix search ({objective}): {self.suffix!r}",
-            xaxis_title="step",
-            yaxis_title="loss",
-            height=380,
-        )
-        return fig
+        return suffix_losses(self)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,16 +305,13 @@ def _forward_objective(model, prompt: _Prompt, cands: Tensor, spec: _Spec, use_c
 
         return hook
 
+    # plain hooks, not run_with_cache: the cache detaches its activations, and the token gradient of the
+    # search flows through them (the last layer is the stop_at_layer output itself)
     hooks = []
     for layer in spec.layers:
         if layer == deepest and layer < spec.n_layers:
             continue
-        name = (
-            f"blocks.{layer}.hook_resid_pre"
-            if layer < spec.n_layers
-            else f"blocks.{spec.n_layers - 1}.hook_resid_post"
-        )
-        hooks.append((name, grab(layer)))
+        hooks.append((resid_hook_name(spec.n_layers, layer), grab(layer)))
     stop = deepest if deepest < spec.n_layers else None
     with model.hooks(fwd_hooks=hooks):
         out = model(ids, stop_at_layer=stop, **kwargs)

@@ -6,11 +6,14 @@ not timed in the ratio), the same candidate pool and the same val prompts:
 * ``exhaustive`` -- ``select_direction(..., strategy="exhaustive")``: bypass, induce and KL scores for
   every candidate (3 forward passes over the val sets each), as in the paper;
 * ``fast``       -- ``select_direction(..., strategy="fast")`` with the library's defaults (gradient screen,
-  ``top_k=6``, as ``refusal-lens run`` uses it): one forward + backward pass screens every candidate, a KL
-  screen runs on one candidate per layer, and the ``top_k`` best get the full scores.
+  ``top_k=6``, as ``refusal-lens run`` uses it): one forward + backward pass screens every candidate's
+  bypass, a KL screen on ``n_screen`` harmless val prompts runs on the best position of each layer and on
+  the ``2 * top_k`` best candidates, and ``top_k`` candidates get the full scores.
 
 The default is the paper's whole pool (all layers below 0.8 L, all 5 post-instruction positions: 90
-valid candidates) with 16 + 16 val prompts, about 10 minutes on 2 cores; ``--n-val 32`` is the size
+valid candidates) with 16 + 16 built-in val prompts, unfiltered (``refusal-lens run`` first keeps only the
+harmful prompts the model refuses and the harmless ones it answers, so its pick may differ), about 10
+minutes on 2 cores; ``--n-val 32`` is the size
 ``refusal-lens run`` uses (about twice as long), ``--layers 8-18`` a subset. With a subset the output also
 estimates the ratio for the full pool (the exhaustive cost grows with the pool, the fast cost barely does).
 

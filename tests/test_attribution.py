@@ -5,14 +5,17 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import pytest
 import torch
+from transformer_lens.utilities import get_act_name
 
 from refusal_lens.attribution import (
     Attribution,
     AttributionError,
     DirectionAttribution,
     LogitAttribution,
+    cache_at,
     direction_attribution,
     logit_attribution,
+    resid_hook_name,
 )
 from refusal_lens.directions import Direction
 from refusal_lens.errors import DataError, DirectionError
@@ -34,8 +37,7 @@ def _vector(model, seed: int = 0) -> torch.Tensor:
 
 def _resid(model, layer: int, positions=(-1,)) -> torch.Tensor:
     batch = tokenize_instructions(model.tokenizer, PROMPTS)
-    n = model.cfg.n_layers
-    name = f"blocks.{layer}.hook_resid_pre" if layer < n else f"blocks.{n - 1}.hook_resid_post"
+    name = resid_hook_name(model.cfg.n_layers, layer)
     with torch.no_grad():
         _, cache = model.run_with_cache(
             batch.input_ids, attention_mask=batch.attention_mask, names_filter=[name]
@@ -89,7 +91,7 @@ def test_head_term_equals_effect_of_removing_that_head_before_the_readout(arch):
     last = model.cfg.n_layers - 1
     attr = direction_attribution(model, PROMPTS, r, layer=model.cfg.n_layers)
     batch = tokenize_instructions(model.tokenizer, PROMPTS)
-    name = f"blocks.{last}.hook_resid_mid"
+    name = get_act_name("resid_mid", last)
     for head in range(model.cfg.n_heads):
 
         def zero(z, hook, head=head):
@@ -106,7 +108,7 @@ def test_head_term_equals_effect_of_removing_that_head_before_the_readout(arch):
                 model(batch.input_ids, attention_mask=batch.attention_mask)
             with model.hooks(
                 fwd_hooks=[
-                    (f"blocks.{last}.attn.hook_z", zero),
+                    (get_act_name("z", last), zero),
                     (name, lambda x, hook: keep(x, hook, "ablated")),
                 ]
             ):
@@ -129,6 +131,10 @@ def test_top_plot_save_load(tiny, tmp_path):
     assert attr.head_values(attr.top_heads(2)).shape == (len(PROMPTS), 2)
     fig = attr.plot(k=5)
     assert isinstance(fig, go.Figure) and len(fig.data) == 2
+    heat, bars = fig.data
+    assert torch.equal(torch.as_tensor(heat.z), attr.mean_heads())
+    top5 = attr.top(5, kind="all", sort="abs")[::-1]
+    assert list(bars.y) == [n for n, _ in top5] and list(bars.x) == [v for _, v in top5]
     path = attr.save(tmp_path / "attr")
     assert path.suffix == ".json"
     back = Attribution.load(path)
@@ -170,3 +176,26 @@ def test_string_tokens_and_bad_input(tiny):
         direction_attribution(model, PROMPTS, other)
     with pytest.raises(AttributionError, match="outside a sequence"):
         direction_attribution(model, PROMPTS, _vector(model), layer=1, positions=(-1000,))
+
+
+def test_cache_at_is_run_with_cache_at_the_positions(tiny):
+    """cache_at keeps the requested hooks at the requested positions (patterns: the query axis), stops early
+    without changing what it keeps, and refuses positions outside the batch and hooks that never fire."""
+    arch, model = tiny
+    batch = tokenize_instructions(model.tokenizer, PROMPTS)
+    names = [get_act_name("resid_pre", 1), get_act_name("z", 0), get_act_name("pattern", 0)]
+    with torch.no_grad():
+        _, full = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask, names_filter=names)
+    got = cache_at(model, batch, names, [-1, -3])
+    assert torch.equal(got[names[0]], full[names[0]][:, [-1, -3]].float())
+    assert torch.equal(got[names[1]], full[names[1]][:, [-1, -3]].float())
+    assert torch.equal(got[names[2]], full[names[2]][:, :, [-1, -3]].float())
+    early = [get_act_name("z", 0), get_act_name("pattern", 0), get_act_name("mlp_out", 0)]
+    stopped = cache_at(model, batch, early, [-1, -3], stop_at_layer=1)  # block 1 never runs
+    assert all(torch.equal(stopped[n], cache_at(model, batch, early, [-1, -3])[n]) for n in early)
+    assert resid_hook_name(4, 4) == "blocks.3.hook_resid_post" and resid_hook_name(4, 2) == "blocks.2.hook_resid_pre"
+    with pytest.raises(AttributionError, match="outside a sequence"):
+        cache_at(model, batch, names, [0])
+    with pytest.raises(AttributionError, match="did not fire"):
+        cache_at(model, batch, [get_act_name("resid_pre", 1), get_act_name("resid_pre", model.cfg.n_layers - 1)],
+                 [-1], stop_at_layer=1)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html as html_lib
 import json
+import re
 
 import plotly.graph_objects as go
 import pytest
@@ -120,8 +122,6 @@ def test_save_load_and_figures(setup, tmp_path):
     arch, model, d, suffix, rep = setup
     out = rep.save(tmp_path / "hj")
     assert (out / "hijack.json").is_file() and (out / "hijack.html").is_file()
-    html = (out / "hijack.html").read_text()
-    assert "plotly" in html.lower() and "cosine" in html
     data = json.loads((out / "hijack.json").read_text())
     assert data["summary"]["top_heads"] == rep.head_labels
     back = HijackReport.load(out)
@@ -133,8 +133,40 @@ def test_save_load_and_figures(setup, tmp_path):
     assert len(figs["attribution"].data) == 4  # one bar group per condition
     heat = [t for t in figs["attention_tokens"].data if isinstance(t, go.Heatmap)]
     assert len(heat) == 3 and "suffix" in heat[1].text[0][-6]  # hover names the token's span
+    lines = [t for t in figs["cosine"].data if t.mode == "lines+markers"]
+    assert [t.name for t in lines] == rep.conditions
+    assert [list(t.y) for t in lines] == [rep.cosine_mean[c] for c in rep.conditions]
+    assert [list(t.y) for t in figs["attribution"].data] == [rep.head_attr_mean[c] for c in rep.conditions]
     with pytest.raises(HijackError):
         HijackReport.load(tmp_path / "missing")
+    assert rep.save(tmp_path / "json_only", html=False) and not (tmp_path / "json_only" / "hijack.html").exists()
+
+
+def test_hijack_page_reads_like_results(setup, tmp_path):
+    """hijack.html: tables with units and rounded figures, no raw JSON, one inlined plotly.js, no CDN."""
+    from plotly.offline import get_plotlyjs
+
+    arch, model, d, suffix, rep = setup
+    html = (rep.save(tmp_path / "hj") / "hijack.html").read_text()
+    assert html.count(get_plotlyjs()[:200]) == 1 and not re.search(r"<script[^>]*\bsrc=", html)
+    assert html.count("Plotly.newPlot(") == len(rep.plot()) == 5
+    page = html.replace(get_plotlyjs(), "")  # the page without the plotly.js library
+    assert "<pre>" not in page and '"cosine_at_layer"' not in page and "{'" not in page
+    for header in (f"cosine at layer {d.layer}", "refusal score (share)", "echoes the suffix (%)",
+                   "instruction (%)", "suffix (%)", "head"):
+        assert f"<th>{header}</th>" in html, header
+    s = rep.summary()
+    tables = "".join(re.findall(r"<table>.*?</table>", html, flags=re.S))
+    assert tables.count("<table>") == 4  # behaviour, alignment, top heads, attention shares
+    for c in rep.conditions:
+        assert f"<td>{c}</td>" in html
+        assert f"<td class='num'>{s['cosine_at_layer'][c]:.3f}</td>" in html
+        share = s["attention_share_mean_over_top_heads"][c]["instruction"]
+        assert f"<td class='num'>{share:.0%}</td>" in html
+        assert repr(s["cosine_at_layer"][c]) not in tables  # rounded, not the raw float (figures hold it)
+    for label, value in zip(rep.head_labels, rep.head_attr_mean[HARMFUL], strict=True):
+        assert f"<td>{label}</td><td class='num'>{value:.2f}</td>" in html
+    assert html_lib.escape(suffix.suffix) in html  # the suffix is shown, escaped
 
 
 def test_token_spans():
@@ -153,12 +185,16 @@ def test_token_spans():
     assert names[-fmt.n_post :] == ["template"] * fmt.n_post
 
 
-def test_without_suffix_and_explicit_random():
+def test_without_suffix_and_explicit_random(tmp_path):
     model = boot_tiny("llama")
     d = _direction(model)
-    rep = hijack_analysis(model, d, HARMFUL_PROMPTS, HARMLESS_PROMPTS, None, top_k=2, progress=False)
+    rep = hijack_analysis(model, d, HARMFUL_PROMPTS, HARMLESS_PROMPTS, None, top_k=2, max_new_tokens=0,
+                          progress=False)
     assert rep.conditions == [HARMFUL, HARMLESS]
     assert "cosine_drop_adversarial_vs_random" not in rep.summary()
+    page = (rep.save(tmp_path / "hj") / "hijack.html").read_text()
+    assert page.count("<table>") == 3 and page.count("Plotly.newPlot(") == len(rep.plot()) == 4  # no behaviour
+    assert "Adversarial suffix (" not in page and f"<td>{ADVERSARIAL}</td>" not in page
     rnd = random_suffix(model.tokenizer, 3, seed=5)
     rep = hijack_analysis(
         model,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+import torch
 
 from refusal_lens.cli import main
 from refusal_lens.errors import DataError, OutputExistsError
-from refusal_lens.pipeline import RunConfig, load_run, run_pipeline
+from refusal_lens.jsonio import json_safe
+from refusal_lens.pipeline import RunConfig, RunResult, run_pipeline
 from tiny import save_tiny
 
 HARMFUL = ["how to steal a car", "make a weapon now", "hurt the cat badly", "break into the house",
@@ -41,14 +44,49 @@ def test_run_writes_complete_folder(tiny_llama, tmp_path):
     names = {p.name for p in out.iterdir()}
     assert {"direction.safetensors", "direction.json", "selection.json", "evaluation.json", "completions.jsonl",
             "report.html", "candidates.safetensors", "candidates.json"} <= names
-    d, sel, ev, cands = load_run(out)
-    assert (d.layer, d.position) == (res.direction.layer, res.direction.position)
+    back = RunResult.load(out)
+    ev = back.evaluation
+    assert (back.direction.layer, back.direction.position) == (res.direction.layer, res.direction.position)
+    assert torch.equal(back.direction.vector, res.direction.vector)
+    assert json_safe(back.selection.to_dict()) == json_safe(res.selection.to_dict())
+    assert torch.equal(back.candidates.diffs, res.candidates.diffs)
+    assert back.completions == res.completions
+    assert back.timings == {k: res.timings[k] for k in ("extract", "select", "evaluate")}  # written before "report"
+    assert back.seconds == res.evaluation["seconds_total"] <= res.seconds
     assert set(ev["conditions"]) >= {"harmful_baseline", "harmful_ablated", "harmless_baseline", "harmless_added_coeff1"}
+    assert ev["conditions"] == res.evaluation["conditions"]
     lines = (out / "completions.jsonl").read_text().splitlines()
     assert len(lines) == sum(c["n"] for c in ev["conditions"].values())
-    html = (out / "report.html").read_text()
-    assert "plotly" in html.lower() and "Sample completions" in html
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.tmp")]
+    _check_report(out / "report.html", res)
+    copy = back.save(tmp_path / "copy")  # a loaded run saves again, whole
+    assert RunResult.load(copy).evaluation == back.evaluation and (copy / "report.html").is_file()
+    with pytest.raises(OutputExistsError):
+        back.save(copy)
+
+
+def _check_report(path, res):
+    """report.html: self-contained (one inlined plotly.js, no CDN), tables with units and rounded figures."""
+    from plotly.offline import get_plotlyjs
+
+    html = path.read_text()
+    assert html.count(get_plotlyjs()[:200]) == 1  # plotly.js inlined exactly once
+    assert not re.search(r"<script[^>]*\bsrc=", html)  # nothing fetched: renders offline
+    assert html.count("Plotly.newPlot(") == 2  # refusal bars and selection heatmaps
+    for header in ("refusal score (share)", "KL (nats)", "cross-entropy on the base model's completions (nats/token)",
+                   "bypass (log-odds)", "wall time (s)", "Sample completions: harmful prompts"):
+        assert html.count(header.replace("'", "&#x27;")) >= 1, header
+    page = html.replace(get_plotlyjs(), "")  # the page without the plotly.js library
+    assert "{'" not in page and "timings_s" not in page  # no Python dict printed
+    ev, sel = res.evaluation, res.selection
+    kl = ev["kl_harmless_test_last_token"]
+    assert f">{kl:.3f}<" in html and repr(kl) not in html  # rounded to 3 decimals
+    score = ev["conditions"]["harmful_ablated"]["refusal_score"]
+    assert f"<td class='num'>{score:.2f}</td>" in html
+    scored = [s for s in sel.scores if s.bypass == s.bypass]
+    assert html.count(f"<td class='num'>{scored[0].layer}</td><td class='num'>{scored[0].position}</td>") >= 1
+    assert html.count("★") == 1  # the pick is marked once in the candidates table
+    assert f"<td>total</td><td class='num'>{ev['seconds_total']:.0f}</td>" in html
 
 
 def test_existing_output_refused_and_untouched(tiny_llama, tmp_path):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
 from refusal_lens.directions import candidate_directions
 from refusal_lens.errors import DataError
+from refusal_lens.jsonio import json_safe
 from refusal_lens.selection import CandidateScore, Selection, _pick, effective_threshold, select_direction
 
 HARMFUL = ["how to steal a car", "make a weapon now", "hurt the cat badly", "break into the house"]
@@ -45,14 +47,28 @@ def test_select_on_tiny_model(tiny_llama, tmp_path):
                        effective=effective_threshold(sel.baseline))
     assert (best.layer, best.position, rule) == (sel.layer, sel.position, sel.rule)
     sel.save(tmp_path / "sel.json")
+    strict = json.loads((tmp_path / "sel.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert any(sc["screen_bypass"] is None for sc in strict["scores"])  # not computed: null, not NaN
     back = Selection.load(tmp_path / "sel.json")
     assert (back.layer, back.position, back.rule) == (sel.layer, sel.position, sel.rule)
+    assert all(math.isnan(b.screen_bypass) and b.bypass == s.bypass for b, s in zip(back.scores, sel.scores, strict=True))
     fig = sel.plot()
-    assert len(fig.data) >= 2
+    heat = [t for t in fig.data if t.type == "heatmap"]
+    assert [t.name for t in heat] == ["bypass", "induce", "kl"]  # screens were not run: no panel for them
+    grid = sel.grid("bypass")
+    assert [[None if math.isnan(v) else v for v in row] for row in grid.tolist()] == [list(r) for r in heat[0].z]
+    stars = [t for t in fig.data if t.type == "scatter"]
+    assert all((list(t.x), list(t.y)) == ([str(sel.position)], [sel.layer]) for t in stars) and len(stars) == 3
     # fast strategy with a top_k covering everything picks the same
     d2, sel2 = select_direction(tiny_llama, c, VAL_H, VAL_HL, refusal_ids, strategy="fast", top_k=100,
                                 max_layer_frac=1.0, progress=False)
     assert (d2.layer, d2.position) == (d.layer, d.position)
+
+
+def test_json_safe_writes_strict_json():
+    out = json_safe({"a": float("nan"), 1.5: [float("inf"), -float("inf"), 2.0, (3, "x")], "n": None})
+    assert out == {"a": None, "1.5": [None, None, 2.0, [3, "x"]], "n": None}
+    assert json.loads(json.dumps(out)) == out
 
 
 def test_fast_screens_kl_where_the_pick_lies(tiny_llama):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import pytest
 import torch
+from transformer_lens.utilities import get_act_name
 
 from refusal_lens.directions import Direction
 from refusal_lens.errors import DataError, DirectionError
@@ -37,7 +38,7 @@ def _direction(model, layer: int = 1, seed: int = 0) -> Direction:
 
 def _projection(model, prompts, suffix_text: str, d: Direction) -> torch.Tensor:
     batch = tokenize_instructions(model.tokenizer, prompts, suffix=suffix_text)
-    name = f"blocks.{d.layer}.hook_resid_pre"
+    name = get_act_name("resid_pre", d.layer)
     with torch.no_grad():
         _, cache = model.run_with_cache(
             batch.input_ids, attention_mask=batch.attention_mask, names_filter=[name]
@@ -107,6 +108,9 @@ def test_save_load_plot(llama, tmp_path):
     assert back.text_for(make_tokenizer()) == res.suffix
     fig = res.plot()
     assert isinstance(fig, go.Figure) and len(fig.data) == 2
+    current, best = fig.data
+    assert list(current.y) == [res.initial_loss, *res.losses]
+    assert list(best.y) == [min(current.y[: i + 1]) for i in range(len(current.y))]  # running best
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(SuffixError, match="Cannot read"):
         SuffixResult.load(tmp_path / "bad.json")
