@@ -50,6 +50,7 @@ from transformer_lens.utilities import get_act_name
 
 from refusal_lens.directions import Direction
 from refusal_lens.errors import DataError, DirectionError, RefusalLensError
+from refusal_lens.models import resident
 from refusal_lens.prompts import ChatFormat, PromptBatch, batches, chat_format
 
 FORMAT_VERSION = 1
@@ -73,13 +74,15 @@ def _is_gemma_norm(norm) -> bool:
 
 def norm_gain(norm) -> Float[Tensor, " d_model"]:
     """The elementwise gain a TransformerLens norm bridge multiplies the normalised input by."""
-    w = norm.weight.detach().to(torch.float32)
+    with resident(norm):
+        w = norm.weight.detach().to(torch.float32, copy=True)
     return w + 1.0 if _is_gemma_norm(norm) else w
 
 
 def norm_bias(norm) -> Tensor | None:
-    b = getattr(norm, "bias", None)
-    return None if b is None else b.detach().to(torch.float32)
+    with resident(norm):
+        b = getattr(norm, "bias", None)
+        return None if b is None else b.detach().to(torch.float32, copy=True)
 
 
 def is_layernorm(norm) -> bool:
@@ -97,8 +100,9 @@ def has_post_attn_norm(model, layer: int) -> bool:
 
 def attn_bias(model, layer: int) -> Tensor | None:
     """The attention output bias ``b_O`` of a block (``None`` for Llama/Qwen2/Gemma2)."""
-    b = getattr(model.blocks[layer].attn, "b_O", None)
-    return None if b is None else b.detach().to(torch.float32)
+    with resident(model.blocks[layer].attn):
+        b = getattr(model.blocks[layer].attn, "b_O", None)
+        return None if b is None else b.detach().to(torch.float32, copy=True)
 
 
 def has_pos_embed(model) -> bool:
@@ -196,7 +200,8 @@ def project_components(
     heads, mlps, biases = [], [], []
     for l in range(layer):
         z = acts[get_act_name("z", l)]  # [b, p, head, d_head]
-        W_O = model.blocks[l].attn.W_O.detach().to(torch.float32)  # [head, d_head, d_model]
+        with resident(model.blocks[l].attn):
+            W_O = model.blocks[l].attn.W_O.detach().to(torch.float32, copy=True)  # [head, d_head, d_model]
         per_head = torch.einsum("bphd,hdm->bphm", z, W_O)
         bias = attn_bias(model, l)
         bias_out = torch.zeros_like(per_head[:, :, 0]) if bias is None else bias.expand_as(per_head[:, :, 0])
@@ -570,10 +575,11 @@ def logit_attribution(
     for i in ids_a + ids_b:
         if not 0 <= i < d_vocab:
             raise AttributionError(f"Token id {i} is outside the model's vocabulary of {d_vocab}.")
-    W_U = model.W_U.detach().to(torch.float32)  # [d_model, vocab]
-    u = W_U[:, ids_a].mean(1) - (W_U[:, ids_b].mean(1) if ids_b else 0.0)
-    b_U = getattr(model, "b_U", None)
-    b_U = None if b_U is None else b_U.detach().to(torch.float32)
+    with resident(model.unembed):
+        W_U = model.W_U.detach().to(torch.float32)  # [d_model, vocab]
+        u = W_U[:, ids_a].mean(1) - (W_U[:, ids_b].mean(1) if ids_b else 0.0)
+        b_U = getattr(model, "b_U", None)
+        b_U = None if b_U is None else b_U.detach().to(torch.float32, copy=True)
     bias_term = 0.0 if b_U is None else float(b_U[ids_a].mean() - (b_U[ids_b].mean() if ids_b else 0.0))
     ln = model.ln_final
     gain, beta, centre = norm_gain(ln), norm_bias(ln), is_layernorm(ln)

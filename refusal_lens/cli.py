@@ -51,11 +51,14 @@ def _root(
     """Find, remove and study the refusal direction of chat language models (Arditi et al. 2024)."""
 
 
-def _load(model: str | None, trust_remote_code: bool = False):
-    from refusal_lens.models import load_model
+def _load(model: str | None, trust_remote_code: bool = False, device: str | None = None, dtype: str | None = None,
+          device_map: str | None = None, max_memory: str | None = None, offload_folder: Path | None = None):
+    from refusal_lens.models import load_model, parse_device_map, parse_max_memory
 
     console.print(f"loading model {escape(model or '(embedded default)')} ...")
-    return load_model(model, trust_remote_code=trust_remote_code)
+    return load_model(model, trust_remote_code=trust_remote_code, device=device, dtype=dtype,
+                      device_map=parse_device_map(device_map), max_memory=parse_max_memory(max_memory),
+                      offload_folder=offload_folder)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,12 +200,26 @@ def _run_config(n_train, n_val, n_test, max_new_tokens, batch_size, strategy, to
                      refusal_ids=refusal_ids, filter=filter)
 
 
-MODEL_OPT = typer.Option(None, "--model", "-m", help="HF folder, .gguf file or cached HF name (default: embedded).")
+MODEL_OPT = typer.Option(None, "--model", "-m", help="Short name (qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), HF "
+                         "folder, .gguf file or cached HF name (default: the embedded qwen2.5-coder-0.5b).")
+DEVICE_OPT = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu).")
+DTYPE_OPT = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on a GPU, "
+                         "float32 on a CPU).")
+DEVICE_MAP_OPT = typer.Option(None, "--device-map", help="accelerate placement: auto, balanced, sequential, or "
+                              "a JSON object of module -> device/'cpu'/'disk' (a model larger than one device).")
+MAX_MEMORY_OPT = typer.Option(None, "--max-memory", help="Budgets for --device-map auto, e.g. '0=20GiB,cpu=64GiB'.")
+OFFLOAD_OPT = typer.Option(None, "--offload-folder", help="Folder for 'disk' entries of --device-map "
+                           "(default: a temporary folder).")
 
 
 @app.command()
 def run(
     model: str | None = MODEL_OPT,
+    device: str | None = DEVICE_OPT,
+    dtype: str | None = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
+    max_memory: str | None = MAX_MEMORY_OPT,
+    offload_folder: Path | None = OFFLOAD_OPT,
     out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="Run folder to write (must not exist)."),
     export: Path | None = typer.Option(None, "--export", help="Also export the orthogonalized HF model here."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output folders."),
@@ -240,7 +257,7 @@ def run(
     cfg = _run_config(n_train, n_val, n_test, max_new_tokens, batch_size, strategy, top_k, max_layer_frac, harmful,
                       harmless, ids, filter)
     splits = load_splits(cfg, truncate=False)  # data files: read, validated and checked for overlaps first
-    m = _load(model, trust_remote_code)
+    m = _load(model, trust_remote_code, device, dtype, device_map, max_memory, offload_folder)
     _check_model_limits(m, prompts=[x for s in (splits.harmful, splits.harmless) for v in s.values() for x in v],
                         max_new_tokens=max_new_tokens, refusal_ids=ids, max_layer_frac=max_layer_frac)
     if export is not None:
@@ -262,6 +279,11 @@ def run(
 @app.command()
 def extract(
     model: str | None = MODEL_OPT,
+    device: str | None = DEVICE_OPT,
+    dtype: str | None = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
+    max_memory: str | None = MAX_MEMORY_OPT,
+    offload_folder: Path | None = OFFLOAD_OPT,
     out: Path = typer.Option(Path("candidates"), "--out", "-o", help="Path stem for candidates.safetensors/.json."),
     n_train: int = typer.Option(128, min=1, help="At most this many train prompts per set."),
     batch_size: int = typer.Option(16, min=1, max=MAX_BATCH_SIZE, help="Prompts per forward pass."),
@@ -273,7 +295,7 @@ def extract(
     from refusal_lens.io import check_writable
 
     target, _ = _check_pair_out(out, overwrite)
-    m = _load(model)
+    m = _load(model, False, device, dtype, device_map, max_memory, offload_folder)
     # three fp32 tensors [layer, pos, d_model]; 16 positions bound every chat template's post-instruction tokens
     check_writable(target.parent, need_bytes=3 * 4 * int(m.cfg.n_layers) * 16 * int(m.cfg.d_model) + (1 << 20))
     c = candidate_directions(m, load_builtin("harmful", "train")[:n_train], load_builtin("harmless", "train")[:n_train],
@@ -286,6 +308,11 @@ def extract(
 def select(
     candidates: Path = typer.Argument(..., help="candidates.safetensors written by `extract` or `run`."),
     model: str | None = MODEL_OPT,
+    device: str | None = DEVICE_OPT,
+    dtype: str | None = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
+    max_memory: str | None = MAX_MEMORY_OPT,
+    offload_folder: Path | None = OFFLOAD_OPT,
     out: Path = typer.Option(Path("direction"), "--out", "-o", help="Path stem for direction.safetensors/.json "
                              "(and <stem>_selection.json)."),
     n_val: int = typer.Option(32, min=1, help="At most this many val prompts per set."),
@@ -305,7 +332,7 @@ def select(
     _check_pair_out(out, overwrite, sel_path)
     _keep_inputs([st, js, sel_path], [("--model", model), ("CANDIDATES", candidates)])
     cands = Candidates.load(candidates)
-    m = _load(model)
+    m = _load(model, False, device, dtype, device_map, max_memory, offload_folder)
     if cands.model_id != model_id(m) or cands.diffs.shape[-1] != m.cfg.d_model:
         raise DirectionError(f"{candidates} belongs to {cands.model_id!r}, not {model_id(m)!r}; pass the matching --model.")
     rt = find_refusal_tokens(m, load_builtin("harmful", "train")[:32])
@@ -320,6 +347,11 @@ def select(
 def evaluate(
     direction: Path = typer.Option(..., "--direction", "-d", help="direction.safetensors"),
     model: str | None = MODEL_OPT,
+    device: str | None = DEVICE_OPT,
+    dtype: str | None = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
+    max_memory: str | None = MAX_MEMORY_OPT,
+    offload_folder: Path | None = OFFLOAD_OPT,
     n_test: int | None = typer.Option(None, min=1, help="At most this many harmful test prompts (default all)."),
     max_new_tokens: int = typer.Option(48, min=1, help="Tokens generated per completion."),
 ) -> None:
@@ -333,7 +365,7 @@ def evaluate(
 
     d = Direction.load(direction)
     harmful = load_builtin("harmful", "test")[:n_test]
-    m = _load(model)
+    m = _load(model, False, device, dtype, device_map, max_memory, offload_folder)
     d.check_model(m)
     _check_model_limits(m, prompts=harmful, max_new_tokens=max_new_tokens)
     res = {
@@ -364,6 +396,11 @@ def export_cmd(
     direction: Path = typer.Option(..., "--direction", "-d", help="direction.safetensors from `run` or `select`."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to create (plain `transformers` loads it)."),
     model: str | None = MODEL_OPT,
+    device: str | None = DEVICE_OPT,
+    dtype: str | None = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
+    max_memory: str | None = MAX_MEMORY_OPT,
+    offload_folder: Path | None = OFFLOAD_OPT,
     streaming: bool = typer.Option(False, "--streaming", help="Edit a safetensors HF folder shard by shard "
                                    "(memory ~ one shard); --model must then be that folder (default: the "
                                    "embedded model's cache folder)."),
@@ -395,7 +432,7 @@ def export_cmd(
         from refusal_lens.export import export
         from refusal_lens.models import model_id
 
-        m = _load(model)
+        m = _load(model, False, device, dtype, device_map, max_memory, offload_folder)
         if not allow_other_model and d.d_model == int(m.cfg.d_model) and d.model_id != model_id(m):
             raise DirectionError(f"Direction was extracted from {d.model_id!r}, not from {model_id(m)!r}. Pass the "
                                  "model it was extracted from (--model), or --allow-other-model to transfer it.")
@@ -412,6 +449,11 @@ def suffix(
     direction: Path = typer.Option(..., "--direction", "-d", help="direction.safetensors from `run`."),
     out: Path = typer.Option(Path("suffix.json"), "--out", "-o", help="JSON file for the suffix."),
     model: str | None = MODEL_OPT,
+    device: str | None = DEVICE_OPT,
+    dtype: str | None = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
+    max_memory: str | None = MAX_MEMORY_OPT,
+    offload_folder: Path | None = OFFLOAD_OPT,
     objective: Objective = typer.Option(Objective.direction, help="'direction' (push the last-token projection "
                                         "down) or 'target' (make the reply start with --target)."),
     target: str = typer.Option("Sure, here is", help="Target reply prefix for --objective target."),
@@ -437,7 +479,7 @@ def suffix(
     check_writable(out.parent)
     d = Direction.load(direction)
     prompts = load_builtin("harmful", "train")[:n_prompts]
-    m = _load(model)
+    m = _load(model, False, device, dtype, device_map, max_memory, offload_folder)
     d.check_model(m)
     n_target = len(m.tokenizer(target, add_special_tokens=False)["input_ids"]) if objective is Objective.target else 0
     _check_model_limits(m, prompts=prompts, extra_tokens=n_tokens + n_target)
@@ -455,6 +497,11 @@ def hijack(
     suffix_file: Path | None = typer.Option(None, "--suffix", help="suffix.json from `refusal-lens suffix` "
                                             "(default: search one first; ~10 CPU minutes on the embedded model)."),
     model: str | None = MODEL_OPT,
+    device: str | None = DEVICE_OPT,
+    dtype: str | None = DTYPE_OPT,
+    device_map: str | None = DEVICE_MAP_OPT,
+    max_memory: str | None = MAX_MEMORY_OPT,
+    offload_folder: Path | None = OFFLOAD_OPT,
     n_prompts: int = typer.Option(24, min=1, help="At most this many harmful and harmless test prompts analysed."),
     top_k: int = typer.Option(8, min=1, help="Heads followed."),
     search_minutes: float = typer.Option(10.0, callback=_positive_minutes,
@@ -475,7 +522,7 @@ def hijack(
     d = Direction.load(direction)
     adv = SuffixResult.load(suffix_file) if suffix_file is not None else None
     harmful, harmless = load_builtin("harmful", "test")[:n_prompts], load_builtin("harmless", "test")[:n_prompts]
-    m = _load(model)
+    m = _load(model, False, device, dtype, device_map, max_memory, offload_folder)
     d.check_model(m)
     n_suffix = len(adv.token_ids) if adv is not None else 0
     _check_model_limits(m, prompts=harmful + harmless, max_new_tokens=max_new_tokens, extra_tokens=n_suffix,
@@ -499,6 +546,51 @@ def hijack(
         console.print(f"  {c:<20} {said}cosine at layer {s['direction_layer']} {s['cosine_at_layer'][c]:+.3f}; "
                       f"top heads' attention: instruction {mass['instruction']:.2f}, suffix {mass['suffix']:.2f}")
     console.print(f"wrote {out}/hijack.html")
+
+
+@app.command()
+def compare(
+    model: str | None = MODEL_OPT,
+    methods: str = typer.Option("diff-in-means,projected,norm-preserving,subspace,ace", help="Comma-separated: "
+                                "diff-in-means, projected, norm-preserving, subspace, ace."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="Folder to write (must not exist)."),
+    export_all: Path | None = typer.Option(None, "--export-all", help="Also write each method's edited model "
+                                           "(HF folder, verified by reload) under this folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output folders."),
+    subspace_rank: int = typer.Option(3, help="Directions of the subspace method (2 .. categories + 1)."),
+    n_train: int = typer.Option(128, help="Train prompts per set (extraction)."),
+    n_val: int = typer.Option(32, help="Val prompts per set (selection)."),
+    n_test: int | None = typer.Option(None, help="Test prompts per set (default all)."),
+    n_harmbench: int | None = typer.Option(None, help="HarmBench standard test behaviours (default all 159; 0 skips)."),
+    harmbench_categories: str | None = typer.Option(None, help="Comma-separated HarmBench semantic categories."),
+    mmlu_per_subject: int = typer.Option(1, help="MMLU questions per subject (57 subjects; 0 skips)."),
+    mmlu_format: str = typer.Option("zero-shot-prefix", help="MMLU prompt format (see refusal_lens.mmlu.FORMATS)."),
+    max_new_tokens: int = typer.Option(40, help="Tokens generated per completion."),
+    batch_size: int = typer.Option(16, help="Prompts per forward pass."),
+    max_layer_frac: float = typer.Option(0.8, help="Only candidates at layers < this fraction of the depth."),
+    refusal_ids: str | None = typer.Option(None, help="Comma-separated refusal token ids (default: found)."),
+    filter: bool = typer.Option(True, "--filter/--no-filter", help="The paper's filtering of train and val."),
+    trust_remote_code: bool = typer.Option(False, help="Run code shipped with the model (only if you trust it)."),
+) -> None:
+    """Edit methods side by side: same splits, one selection, same judges; table, compare.json, report.html."""
+    from refusal_lens.compare import CompareConfig, markdown_table, run_compare, validate_compare
+    from refusal_lens.io import check_output_dir
+
+    cfg = CompareConfig(
+        methods=methods.split(","), subspace_rank=subspace_rank, n_train=n_train, n_val=n_val, n_test=n_test,
+        n_harmbench=n_harmbench, mmlu_per_subject=mmlu_per_subject, mmlu_format=mmlu_format,
+        harmbench_categories=[c.strip() for c in harmbench_categories.split(",")] if harmbench_categories is not None else None,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, max_layer_frac=max_layer_frac, filter=filter,
+        refusal_ids=[int(x) for x in refusal_ids.split(",")] if refusal_ids else None)
+    validate_compare(cfg)  # before the model loads
+    check_output_dir(out, overwrite)
+    if export_all is not None:
+        check_output_dir(export_all, overwrite)
+    m = _load(model, trust_remote_code)
+    res = run_compare(m, out, cfg, overwrite=overwrite, export_all=export_all)
+    print(markdown_table(res.rows))
+    console.print(f"[bold green]done[/] in {res.seconds:.0f} s -> {out}/report.html (Pareto vs KL: "
+                  f"{', '.join(res.info['pareto']['kl_harmless'])})")
 
 
 def _click_exceptions():

