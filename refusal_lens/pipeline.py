@@ -446,7 +446,7 @@ def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwr
         result = RunResult(Path(out), direction, selection, evaluation, math.nan, timings, cands, rows)
         result._write_into(tmp)  # inside the run's own atomic folder
         phases.stop()  # evaluation.json again, so that it keeps the report's time too
-        evaluation["seconds_total"] = round(time.perf_counter() - t0, 1)
+        evaluation["seconds_total"] = math.floor((time.perf_counter() - t0) * 10) / 10  # never above result.seconds
         (tmp / "evaluation.json").write_text(json.dumps(json_safe(evaluation), indent=1))
     result.seconds = time.perf_counter() - t0
     if export_dir is not None:

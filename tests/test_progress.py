@@ -25,7 +25,7 @@ def test_scoring_shows_a_bar_named_by_desc_and_can_be_silenced(model, capsys):
     coherence(model, PROMPTS, COMPS, batch_size=2, desc="coherence harmful_ablated")
     completion_ce(model, PROMPTS, COMPS, batch_size=2, desc="CE ablated")
     err = capsys.readouterr().err
-    assert "coherence harmful_ablated" in err and "CE ablated" in err and "4/4" in err
+    assert "coherence harmful_ablated" in err and "CE ablated" in err
     coherence(model, PROMPTS, COMPS, batch_size=2, progress=False)
     assert capsys.readouterr().err == ""
 
