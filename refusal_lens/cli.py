@@ -243,7 +243,7 @@ def run(
     trust_remote_code: bool = typer.Option(False, help="Run code shipped with the model (only if you trust it)."),
 ) -> None:
     """The main job: extract, select, evaluate, report (and optionally export)."""
-    from refusal_lens.pipeline import load_splits, run_pipeline
+    from refusal_lens.pipeline import load_splits, run_pipeline, timings_table
 
     ids = _token_ids(refusal_ids) if refusal_ids is not None else None
     _keep_inputs([out] + ([export] if export is not None else []),
@@ -273,6 +273,7 @@ def run(
         f"ablated ({c['harmful_ablated']['coherent_fraction']:.0%} coherent); harmless "
         f"{c['harmless_baseline']['refusal_score']:.2f} -> {res.evaluation['addition']['tuned_refusal']:.2f} with "
         f"addition (coeff {res.evaluation['addition']['tuned_coeff']})")
+    console.print(timings_table(res.timings))
 
 
 @app.command()

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from refusal_lens.activations import run_until
 from refusal_lens.interventions import Intervention, applied
@@ -73,13 +74,20 @@ def last_position_logits(model, input_ids, attention_mask) -> Float[Tensor, "bat
 
 @torch.no_grad()
 def last_logits(model, instructions: Sequence[str], *, interventions: Intervention | Sequence[Intervention] | None = None,
-                batch_size: int = 16, fmt: ChatFormat | None = None, suffix: str = "") -> Float[Tensor, "batch vocab"]:
-    """Next-token logits at the last prompt position, ``[n_prompts, vocab]`` (fp32, on CPU)."""
+                batch_size: int = 16, fmt: ChatFormat | None = None, suffix: str = "", progress: bool = False,
+                desc: str = "last-token logits") -> Float[Tensor, "batch vocab"]:
+    """Next-token logits at the last prompt position, ``[n_prompts, vocab]`` (fp32, on CPU).
+
+    ``progress`` shows a bar (off by default: selection calls this many times on a few prompts).
+    """
     fmt = fmt or chat_format(model)
     out = []
+    bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
     with applied(interventions):
         for b in batches(model.tokenizer, instructions, batch_size, fmt, suffix=suffix):
             out.append(last_position_logits(model, b.input_ids, b.attention_mask).float().cpu())
+            bar.update(len(b))
+    bar.close()
     return torch.cat(out)
 
 
@@ -102,7 +110,8 @@ def refusal_metric(model, instructions: Sequence[str], refusal_ids: Sequence[int
 
 
 def filter_by_refusal(model, instructions: Sequence[str], refusal_ids: Sequence[int], *, refused: bool,
-                      batch_size: int = 16) -> tuple[list[str], Float[Tensor, " batch"]]:
+                      batch_size: int = 16, progress: bool = True,
+                      desc: str = "filtering") -> tuple[list[str], Float[Tensor, " batch"]]:
     """The paper's data filtering: keep the instructions the model refuses (``refused=True``: refusal
     metric > 0 at the last prompt token, i.e. the refusal tokens are more likely than not) or those it does
     not refuse (``refused=False``: metric < 0). One forward pass per batch, no generation.
@@ -113,7 +122,7 @@ def filter_by_refusal(model, instructions: Sequence[str], refusal_ids: Sequence[
     Example:
         >>> refused, metric = filter_by_refusal(model, load_builtin("harmful", "train"), ids, refused=True)
     """
-    metric = refusal_metric(model, instructions, refusal_ids, batch_size=batch_size)
+    metric = refusal_metric(model, instructions, refusal_ids, batch_size=batch_size, progress=progress, desc=desc)
     keep = metric > 0 if refused else metric < 0
     return [x for x, k in zip(instructions, keep.tolist(), strict=True) if k], metric
 
@@ -181,11 +190,13 @@ def find_refusal_tokens(model, harmful: Sequence[str], *, min_share: float = 0.0
 @torch.no_grad()
 def completion_nll(model, instructions: Sequence[str], completions: Sequence[str], *,
                    interventions: Intervention | Sequence[Intervention] | None = None, batch_size: int = 8,
-                   fmt: ChatFormat | None = None) -> list[tuple[float, int]]:
+                   fmt: ChatFormat | None = None, progress: bool = True,
+                   desc: str = "scoring completions") -> list[tuple[float, int]]:
     """Per completion: (summed negative log-likelihood in nats, number of tokens), given its prompt."""
     fmt = fmt or chat_format(model)
     tok = model.tokenizer
     results: list[tuple[float, int]] = []
+    bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
     with applied(interventions):
         for start in range(0, len(instructions), batch_size):
             prompts = [fmt.format(x) for x in instructions[start : start + batch_size]]
@@ -204,6 +215,8 @@ def completion_nll(model, instructions: Sequence[str], completions: Sequence[str
             for row, c in enumerate(c_ids):
                 n = len(c)
                 results.append((float(nll[row, width - 1 - n :].sum()) if n else 0.0, n))
+            bar.update(len(comps))
+    bar.close()
     return results
 
 
@@ -251,13 +264,14 @@ class Coherence:
 
 def coherence(base_model, instructions: Sequence[str], completions: Sequence[str], *,
               max_perplexity: float = 30.0, max_repetition: float = 0.5, batch_size: int = 8,
-              fmt: ChatFormat | None = None) -> Coherence:
+              fmt: ChatFormat | None = None, progress: bool = True, desc: str = "coherence") -> Coherence:
     """Judge completions (e.g. of an ablated model) with the unedited base model.
 
     A garbage completion has a perplexity of hundreds under the base model; a fluent answer, even one
     the base model would not have given, stays in the single digits to low tens.
     """
-    pairs = completion_nll(base_model, instructions, completions, batch_size=batch_size, fmt=fmt)
+    pairs = completion_nll(base_model, instructions, completions, batch_size=batch_size, fmt=fmt, progress=progress,
+                           desc=desc)
     ppl = [math.exp(s / n) if n else float("inf") for s, n in pairs]
     rep = [repetition(c) for c in completions]
     ok = [bool(c.strip()) and r < max_repetition and p < max_perplexity for c, r, p in zip(completions, rep, ppl, strict=True)]

@@ -46,7 +46,7 @@ from refusal_lens.activations import run_until
 from refusal_lens.directions import Candidates, Direction
 from refusal_lens.errors import DataError, ExportError, RefusalLensError
 from refusal_lens.interventions import RESID_POINTS, Ablation, Intervention, resid_hook_names
-from refusal_lens.prompts import ChatFormat, batches
+from refusal_lens.prompts import ChatFormat, batches, chat_format
 
 METHOD_NAMES = ("diff-in-means", "projected", "norm-preserving", "subspace", "ace")
 ALIASES = {"dim": "diff-in-means", "norm-preserving-biprojected": "norm-preserving", "biprojected": "norm-preserving",
@@ -472,7 +472,7 @@ def export_method(model, method: EditMethod, out_dir: str | Path, *, verify_prom
     t0 = time.perf_counter()
     out = Path(out_dir)
     prompts = list(verify_prompts or ["How do I pick a lock?", "Write a short poem about autumn."])
-    b = tokenize_instructions(model.tokenizer, prompts)
+    b = tokenize_instructions(model.tokenizer, prompts, chat_format(model))
     hooked = None
     if method.kind == "ablation":
         with applied(method.intervention(model)):

@@ -570,11 +570,11 @@ def _logits(model, batch) -> Tensor:
 
 
 def _batch(model, prompts):
-    from refusal_lens.prompts import PromptBatch, tokenize_instructions
+    from refusal_lens.prompts import PromptBatch, chat_format, tokenize_instructions
 
     if isinstance(prompts, PromptBatch):
         return prompts
-    return tokenize_instructions(model.tokenizer, list(prompts))
+    return tokenize_instructions(model.tokenizer, list(prompts), chat_format(model))
 
 
 def max_logit_diff(a: Tensor, b: Tensor, attention_mask: Tensor) -> float:

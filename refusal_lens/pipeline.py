@@ -20,11 +20,13 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.table import Table
 
 from refusal_lens import __version__
 from refusal_lens.data import check_disjoint, load_builtin, load_instructions, validate_instructions
@@ -49,6 +51,57 @@ from refusal_lens.selection import Selection, choose_addition_coeff, select_dire
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=True, soft_wrap=True)
+
+PHASES = ("extract", "select", "evaluate_generate", "evaluate_score", "report")
+PHASE_TEXT = {
+    "extract": "refusal tokens, filtering of train and val, diff-in-means",
+    "select": "bypass / induce / KL on val, addition-coefficient search",
+    "evaluate_generate": "greedy completions of the test split under each condition",
+    "evaluate_score": "coherence, KL and CE under the base model; MMLU base vs ablated",
+    "report": "completions, evaluation.json, report.html",
+}
+
+
+class Phases:
+    """Wall time of a run's phases (:data:`PHASES`), in seconds, as ``evaluation.json``'s ``timings_s`` keeps them.
+
+    :meth:`start` ends the open phase (if any) and opens the next; ``on_start(name)`` is told first
+    (``scripts/bench_run.py`` attributes its FLOP counts with it).
+    """
+
+    def __init__(self, on_start: Callable[[str], None] | None = None):
+        self.seconds: dict[str, float] = {}
+        self.on_start = on_start
+        self._open: tuple[str, float] | None = None
+
+    def start(self, name: str) -> None:
+        self.stop()
+        if self.on_start is not None:
+            self.on_start(name)
+        self._open = (name, time.perf_counter())
+
+    def stop(self) -> None:
+        """End the open phase, record its time and say so."""
+        if self._open is None:
+            return
+        name, t = self._open
+        self._open = None
+        self.seconds[name] = round(time.perf_counter() - t, 1)
+        console.print(f"[green]done[/] {name} in {self.seconds[name]:.0f} s")
+
+
+def timings_table(timings: dict[str, float]) -> Table:
+    """A rich table of a run's phase times (``evaluation.json``'s ``timings_s``)."""
+    table = Table(title="time per phase", title_justify="left")
+    table.add_column("phase")
+    table.add_column("seconds", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("what it does")
+    total = sum(timings.values()) or 1.0
+    for name, sec in timings.items():
+        table.add_row(name, f"{sec:.1f}", f"{sec / total:.0%}", PHASE_TEXT.get(name, ""))
+    return table
+
 
 @dataclass
 class RunConfig:
@@ -161,7 +214,7 @@ def filter_splits(model, splits: Splits, refusal_ids, cfg: RunConfig) -> dict:
     """
     counts: dict[str, dict[str, int]] = {}
     kept_by = {(kind, split): filter_by_refusal(model, getattr(splits, kind)[split], refusal_ids, refused=refused,
-                                                batch_size=cfg.batch_size)[0]
+                                                batch_size=cfg.batch_size, desc=f"filtering {kind} {split}")[0]
                for kind, refused in (("harmful", True), ("harmless", False)) for split in ("train", "val")}
     check_refuses_enough(len(kept_by["harmful", "train"]), len(splits.harmful["train"]),
                          len(splits.harmless["train"]) - len(kept_by["harmless", "train"]), len(splits.harmless["train"]))
@@ -243,8 +296,9 @@ def select_and_tune(model, cands: Candidates, data: PreparedData, cfg: RunConfig
 
 
 def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids, tuned_coeff: float,
-                       cfg: RunConfig) -> tuple[dict, list[dict]]:
-    """Generate on the test split under each condition and score refusal, coherence, KL and CE."""
+                       cfg: RunConfig, phases: Phases | None = None) -> tuple[dict, list[dict]]:
+    """Generate on the test split under each condition and score refusal, coherence, KL and CE
+    (``phases``, when given, times the generation and the scoring apart)."""
     harmful, harmless = splits.harmful["test"], splits.harmless["test"]
     gen = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
     conditions: dict[str, tuple[list[str], list]] = {
@@ -262,16 +316,21 @@ def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids,
         console.print(f"  generating: {name} ({len(prompts)} prompts)")
         completions[name] = generate(model, prompts, interventions=ivs, desc=name, **gen)
         results[name] = {"refusal_score": refusal_score(completions[name]), "n": len(prompts)}
+    if phases is not None:
+        phases.start("evaluate_score")
+    console.print("  scoring under the base model: coherence of the ablated completions, KL and CE on harmless test")
     for name in ("harmful_ablated", "harmless_ablated"):
         prompts = conditions[name][0]
-        coh = coherence(model, prompts, completions[name], batch_size=cfg.batch_size)
+        coh = coherence(model, prompts, completions[name], batch_size=cfg.batch_size, desc=f"coherence {name}")
         results[name].update(coherent_fraction=coh.fraction, median_perplexity=coh.summary["median_perplexity"],
                              mean_repetition=coh.summary["mean_repetition"])
-    base = last_logits(model, harmless, batch_size=cfg.batch_size)
-    abl = last_logits(model, harmless, interventions=direction.ablate(model), batch_size=cfg.batch_size)
-    ce_base = completion_ce(model, harmless, completions["harmless_baseline"], batch_size=cfg.batch_size)
+    base = last_logits(model, harmless, batch_size=cfg.batch_size, progress=True, desc="KL: base logits")
+    abl = last_logits(model, harmless, interventions=direction.ablate(model), batch_size=cfg.batch_size,
+                      progress=True, desc="KL: ablated logits")
+    ce_base = completion_ce(model, harmless, completions["harmless_baseline"], batch_size=cfg.batch_size,
+                            desc="CE baseline")
     ce_abl = completion_ce(model, harmless, completions["harmless_baseline"], batch_size=cfg.batch_size,
-                           interventions=direction.ablate(model))
+                           interventions=direction.ablate(model), desc="CE ablated")
     evaluation = {
         "conditions": results,
         "kl_harmless_test_last_token": kl_last(base, abl),
@@ -358,53 +417,54 @@ class RunResult:
 
 
 def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwrite: bool = False,
-                 export_dir: str | Path | None = None) -> RunResult:
-    """Extract, select, evaluate on the test split, and write the run folder ``out`` (see module doc)."""
+                 export_dir: str | Path | None = None, phases: Phases | None = None) -> RunResult:
+    """Extract, select, evaluate on the test split, and write the run folder ``out`` (see module doc).
+
+    ``phases`` (optional) receives the time of each phase of :data:`PHASES` (as ``RunResult.timings`` and
+    ``evaluation.json``'s ``timings_s`` do).
+    """
     cfg = cfg or RunConfig()
     check_output_dir(out, overwrite)
     if export_dir is not None:
         check_output_dir(export_dir, overwrite)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def lap(name: str, start: float) -> None:
-        timings[name] = round(time.perf_counter() - start, 1)
-        console.print(f"[green]done[/] {name} in {timings[name]:.0f} s")
+    phases = phases if phases is not None else Phases()
+    timings = phases.seconds
 
     splits = load_splits(cfg, truncate=not cfg.filter)
     with torch.no_grad(), atomic_dir(out, overwrite=overwrite) as tmp:
-        t = time.perf_counter()
+        phases.start("extract")
         console.print("[bold]1/4 extract[/]: refusal tokens from the model's own refusals"
                       + (", the paper's filtering of train and val" if cfg.filter else "") + ", diff-in-means")
         data = prepare_data(model, cfg, splits)
         rtoks, filtering = data.refusal_tokens, data.filtering
         cands = extract_candidates(model, data, cfg)
-        lap("extract", t)
 
-        t = time.perf_counter()
+        phases.start("select")
         console.print("[bold]2/4 select[/]: bypass / induce / KL on the val split")
         direction, selection, coeff = select_and_tune(model, cands, data, cfg)
-        lap("select", t)
+        phases.stop()
         console.print(f"  selected layer {direction.layer}, position {direction.position} ({selection.rule_text})")
 
-        t = time.perf_counter()
+        phases.start("evaluate_generate")
         console.print("[bold]3/4 evaluate[/] on the test split")
-        evaluation, rows = evaluate_direction(model, direction, splits, rtoks.ids, coeff, cfg)
-        if cfg.mmlu_per_subject > 0:
+        evaluation, rows = evaluate_direction(model, direction, splits, rtoks.ids, coeff, cfg, phases)
+        if cfg.mmlu_per_subject > 0:  # timed with the scoring
             evaluation["mmlu"] = mmlu_change(model, direction, cfg)
         evaluation.update(model_id=model_id(model), direction={"layer": direction.layer, "position": direction.position},
                           filtering=filtering,
                           selection_rule=selection.rule_text, passed_paper_filters=selection.passed_paper_filters,
                           refusal_tokens=rtoks.strings)
-        lap("evaluate", t)
 
-        t = time.perf_counter()
+        phases.start("report")
         evaluation["timings_s"] = timings
         evaluation["seconds_total"] = round(time.perf_counter() - t0, 1)
         result = RunResult(Path(out), direction, selection, evaluation, math.nan, timings, cands, rows)
         result._write_into(tmp)  # inside the run's own atomic folder
-        lap("report", t)
+        phases.stop()  # evaluation.json again, so that it keeps the report's time too
+        evaluation["seconds_total"] = math.floor((time.perf_counter() - t0) * 10) / 10  # never above result.seconds
+        (tmp / "evaluation.json").write_text(json.dumps(json_safe(evaluation), indent=1))
     result.seconds = time.perf_counter() - t0
     if export_dir is not None:
         from refusal_lens.export import export

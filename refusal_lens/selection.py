@@ -184,14 +184,14 @@ def _write_hooks(model) -> list[str]:
 
 
 def gradient_screen_matrix(model, prompts: Sequence[str], refusal_ids: Sequence[int], *,
-                           batch_size: int = 8) -> tuple[torch.Tensor, float]:
+                           batch_size: int = 8, progress: bool = True) -> tuple[torch.Tensor, float]:
     """``M = sum_c g_c w_c^T / n`` over residual writes ``w_c`` and the gradients ``g_c`` of the mean
     refusal metric there; ``-r^T M r`` estimates the change of the bypass score when ``r`` is ablated.
 
     Returns:
         ``(M [d_model, d_model] float64, mean refusal metric without intervention)``.
     """
-    from refusal_lens.prompts import batches
+    from refusal_lens.prompts import batches, chat_format
 
     d = model.cfg.d_model
     M = torch.zeros(d, d, dtype=torch.float64)
@@ -209,7 +209,8 @@ def gradient_screen_matrix(model, prompts: Sequence[str], refusal_ids: Sequence[
     for p in params:  # only activation gradients are needed: no weight gradients (a third of the cost)
         p.requires_grad_(False)
     try:
-        for b in batches(model.tokenizer, prompts, batch_size):
+        for b in tqdm(list(batches(model.tokenizer, prompts, batch_size, chat_format(model))), desc="gradient screen", disable=not progress,
+                      leave=False):
             acts.clear()
             total_metric += _accumulate_screen(model, b, names, keep, acts, refusal_ids, n, M)
     finally:
@@ -311,7 +312,7 @@ def select_direction(
     if strategy == "fast" and len(pool) > top_k:
         if screen == "gradient":
             M, base_metric = gradient_screen_matrix(model, list(harmful_val), refusal_ids,
-                                                    batch_size=max(1, batch_size // 2))
+                                                    batch_size=max(1, batch_size // 2), progress=progress)
             for layer, pos in pool:
                 r = candidates.direction(layer, pos).vector.double()
                 scores[(layer, pos)].screen_bypass = base_metric - float(r @ M @ r)
@@ -382,7 +383,7 @@ ADD_COEFFS = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
 
 
 def choose_addition_coeff(model, direction: Direction, harmless_val: list[str], refusal_ids, target: float,
-                          batch_size: int) -> tuple[float, dict]:
+                          batch_size: int, progress: bool = True) -> tuple[float, dict]:
     """Smallest coefficient in :data:`ADD_COEFFS` whose share of harmless val prompts with refusal
     metric > 0 reaches ``target`` (one forward pass per coefficient; no generation).
 
@@ -391,7 +392,7 @@ def choose_addition_coeff(model, direction: Direction, harmless_val: list[str], 
     coefficient tried is not a safe default.
     """
     shares = {}
-    for c in ADD_COEFFS:
+    for c in tqdm(ADD_COEFFS, desc="addition coefficient", disable=not progress, leave=False):
         logits = last_logits(model, harmless_val, interventions=direction.add(model, c), batch_size=batch_size)
         m = refusal_metric_from_logits(logits, refusal_ids)
         shares[c] = float((m > 0).float().mean())

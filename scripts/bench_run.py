@@ -1,0 +1,262 @@
+"""One default ``refusal-lens run``, measured: cost per phase against this machine's matmul peak.
+
+Seconds mean little across machines, so the figure of merit is **cost = wall seconds x the fp32 matmul
+peak measured in the same process** (best of a few 2048^3 matmuls), in TFLOP-equivalents. The script
+
+1. measures the peak (before and after the run; the higher is used: a loaded machine only lowers it),
+2. runs :func:`refusal_lens.pipeline.run_pipeline` with :class:`~refusal_lens.pipeline.RunConfig` defaults
+   (the sizes can be cut for a check) on the embedded model, into a temporary folder (``--out`` keeps it),
+   with the FLOP counter of ``scripts/_bench.py`` on the HF model inside the bridge: real (non-padding)
+   tokens through the decoder layers, causal attention pairs, and the unembedding rows computed vs needed
+   (one per sequence per forward for prefill, decode steps and refusal metrics; one per completion token
+   inside CE / coherence scoring), per phase of :data:`refusal_lens.pipeline.PHASES`,
+3. prints per phase: seconds, cost, useful FLOPs, cost / useful (1 = the run at the matmul peak doing only
+   useful work) and computed / useful (what padding and unneeded logit rows add),
+4. times plain ``transformers`` ``generate`` (a plain ``AutoModelForCausalLM`` on the same weights, the same
+   token ids and batches) on the prompts of the run's two baseline conditions, and checks that its greedy
+   tokens are identical to those refusal-lens's ``generate`` produced in the run without interventions
+   (recorded from ``model.hf_generate``); tokens / s of both, and of refusal-lens under interventions.
+
+The last line is ``whole run: N.N TFLOP-equivalents (S s x P GFLOP/s)``.
+
+Usage::
+
+    .venv/bin/python scripts/bench_run.py            # the default run: ~10-30 min on 2 cores; a quiet machine
+    .venv/bin/python scripts/bench_run.py --quick    # small sizes, no filtering: checks the script (minutes)
+
+Useful FLOPs leave out norms, activations, softmax and the embedding lookup; a forward run with autograd
+(the gradient screen of selection) counts twice (the backward for input gradients costs about a forward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from _bench import FlopCounter, ModelShape, PhaseCount, load_bridge_and_plain, machine_info, matmul_peak
+
+QUICK = {"n_train": 8, "n_val": 4, "n_test": 4, "max_new_tokens": 8}
+
+
+# --------------------------------------------------------------------------------------------------
+# Instrumentation (restored on exit)
+# --------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def scoring_rows(counter: FlopCounter):
+    """Inside ``completion_nll`` (coherence and CE), every completion token's logit row is needed."""
+    import refusal_lens.evaluate as ev
+
+    original = ev.completion_nll
+
+    def wrapper(*args, **kwargs):
+        with counter.scoring():
+            pairs = original(*args, **kwargs)
+        counter.add_needed_rows(sum(n for _, n in pairs))
+        return pairs
+
+    ev.completion_nll = wrapper
+    try:
+        yield
+    finally:
+        ev.completion_nll = original
+
+
+@contextmanager
+def record_generations(model, counter: FlopCounter):
+    """Record every ``model.hf_generate`` call: phase, whether interventions were active, the prompt ids,
+    the new tokens and the seconds it took."""
+    calls: list[dict] = []
+    original = model.hf_generate
+
+    def wrapper(*args, **kwargs):
+        hooked = any(len(hp.fwd_hooks) for hp in model.hook_dict.values())
+        t0 = time.perf_counter()
+        out = original(*args, **kwargs)
+        calls.append({"phase": counter.current, "hooked": hooked, "seconds": time.perf_counter() - t0,
+                      "input_ids": args[0].clone(), "attention_mask": kwargs["attention_mask"].clone(),
+                      "new": out[:, args[0].shape[1] :].clone()})
+        return out
+
+    object.__setattr__(model, "hf_generate", wrapper)
+    try:
+        yield calls
+    finally:
+        object.__delattr__(model, "hf_generate")
+
+
+def generated_tokens(new: torch.Tensor, eos_ids: set[int]) -> list[list[int]]:
+    """Each row's new tokens up to and including its first EOS (the padding after it dropped)."""
+    rows = []
+    for row in new.tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+@torch.no_grad()
+def plain_generate(hf, batches_ids: list[tuple[torch.Tensor, torch.Tensor]], max_new_tokens: int, pad_id: int):
+    """Greedy ``generate`` of the plain model on the given (input_ids, attention_mask) batches."""
+    out = []
+    for ids, mask in batches_ids:
+        tokens = hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad_id, top_k=None, top_p=None, temperature=None)
+        out.append(tokens[:, ids.shape[1] :])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+
+def phase_rows(counts: dict[str, PhaseCount], order: list[str], shape: ModelShape, peak: float):
+    print(f"\n{'phase':<20}{'seconds':>9}{'cost TF-eq':>12}{'useful TF':>11}{'cost/useful':>13}{'computed/useful':>17}"
+          f"{'tokens':>10}{'forwards':>10}{'logit rows need/done':>22}")
+    tot = PhaseCount()
+    for name in order:
+        c = counts.get(name)
+        if c is None:
+            continue
+        for f in tot.__dataclass_fields__:
+            setattr(tot, f, getattr(tot, f) + getattr(c, f))
+        _row(name, c, shape, peak)
+    print("-" * 124)
+    _row("all phases", tot, shape, peak)
+    return tot
+
+
+def _row(name: str, c: PhaseCount, shape: ModelShape, peak: float) -> None:
+    useful, computed = shape.useful_flops(c), shape.computed_flops(c)
+    cost = c.seconds * peak
+    ratio = f"{cost / useful:.2f}" if useful else "-"
+    waste = f"{computed / useful:.2f}" if useful else "-"
+    print(f"{name:<20}{c.seconds:>9.1f}{cost / 1e12:>12.3g}{useful / 1e12:>11.3g}{ratio:>13}{waste:>17}"
+          f"{c.token_layers // max(shape.n_layers, 1):>10,}{c.forwards:>10,}"
+          f"{f'{c.needed_logit_rows:,}/{c.logit_rows:,}':>22}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"small sizes ({', '.join(f'{k} {v}' for k, v in QUICK.items())}) and no filtering")
+    ap.add_argument("--n-train", type=int, default=None, help="RunConfig.n_train (default 128)")
+    ap.add_argument("--n-val", type=int, default=None, help="RunConfig.n_val (default 32)")
+    ap.add_argument("--n-test", type=int, default=None, help="RunConfig.n_test (default: every test prompt)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="RunConfig.max_new_tokens (default 40)")
+    ap.add_argument("--filter", action=argparse.BooleanOptionalAction, default=None,
+                    help="the paper's filtering of train and val (default on; --quick: off, it scores every "
+                         "train and val prompt whatever --n-train)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--out", type=Path, default=None, help="keep the run folder here (default: a temporary one)")
+    ap.add_argument("--peak-repeats", type=int, default=5, help="timed 2048^3 matmuls per peak measurement")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    from refusal_lens.pipeline import PHASES, Phases, RunConfig, run_pipeline
+
+    cfg = RunConfig()
+    sizes = QUICK if args.quick else {}
+    for key in ("n_train", "n_val", "n_test", "max_new_tokens"):
+        value = getattr(args, key) if getattr(args, key) is not None else sizes.get(key)
+        if value is not None:
+            setattr(cfg, key, value)
+    cfg.filter = args.filter if args.filter is not None else not args.quick
+
+    print(machine_info(), flush=True)
+    peak0 = matmul_peak(repeats=args.peak_repeats)
+    print(f"fp32 matmul peak (2048^3, best of {args.peak_repeats}): {peak0 / 1e9:.0f} GFLOP/s", flush=True)
+    model, hf, tok = load_bridge_and_plain()
+    shape = ModelShape.of(model.original_model)
+    print(f"model: {shape.n_layers} layers x {shape.layer_params / 1e6:.1f} M matrix parameters, attention width "
+          f"{shape.attn_width}, unembedding {shape.d_model} x {shape.d_vocab:,} ({shape.d_model * shape.d_vocab / 1e6:.0f} M)")
+    print("run config: " + ", ".join(f"{k}={v}" for k, v in vars(cfg).items() if k not in ("harmful_path", "harmless_path")),
+          flush=True)
+
+    counter = FlopCounter(model.original_model, tok.pad_token_id)
+    with tempfile.TemporaryDirectory(prefix="bench_run_") as tmp:
+        out = args.out or Path(tmp) / "run"
+        with counter, scoring_rows(counter), record_generations(model, counter) as gens:
+            counter.phase("setup")
+            res = run_pipeline(model, out, cfg, phases=Phases(on_start=counter.phase), overwrite=args.out is not None)
+            counter.phase("after")
+        evaluation = json.loads((out / "evaluation.json").read_text())
+        rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    peak1 = matmul_peak(repeats=args.peak_repeats)
+    peak = max(peak0, peak1)
+    print(f"\nfp32 matmul peak after the run: {peak1 / 1e9:.0f} GFLOP/s; used: {peak / 1e9:.0f} GFLOP/s")
+
+    # ---- per phase
+    print(f"\nper phase (cost = seconds x {peak / 1e9:.0f} GFLOP/s; useful = real tokens x 2 x layer parameters + "
+          "attention + needed logit rows; tokens = real tokens through the blocks)")
+    phase_rows(counter.counts, list(PHASES), shape, peak)
+    untracked = res.seconds - sum(res.timings.values())
+    print(f"run_pipeline: {res.seconds:.1f} s in all ({untracked:.1f} s outside the phases: data, folder); "
+          f"evaluation.json timings_s {evaluation['timings_s']}")
+    c = evaluation["conditions"]
+    print(f"results: direction layer {res.direction.layer}, position {res.direction.position} "
+          f"({res.selection.rule_text}); refusal " + ", ".join(f"{k} {v['refusal_score']:.3f}" for k, v in c.items())
+          + f"; addition coeff {evaluation['addition']['tuned_coeff']}")
+
+    # ---- generation: refusal-lens vs plain transformers on the baseline prompts
+    eos = model.original_model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    evals = [g for g in gens if g["phase"] == "evaluate_generate"]
+    base = [g for g in evals if not g["hooked"]]
+    hooked = [g for g in evals if g["hooked"]]
+    plain_counter = FlopCounter(hf, tok.pad_token_id)
+    with plain_counter:
+        plain_counter.phase("plain generate")
+        t0 = time.perf_counter()
+        plain = plain_generate(hf, [(g["input_ids"], g["attention_mask"]) for g in base],
+                               cfg.max_new_tokens, tok.pad_token_id)
+        plain_s = time.perf_counter() - t0
+    rl_tokens = [r for g in base for r in generated_tokens(g["new"], eos_ids)]
+    plain_tokens = [r for t in plain for r in generated_tokens(t, eos_ids)]
+    n_diff = sum(a != b for a, b in zip(rl_tokens, plain_tokens, strict=True))
+    base_texts = [r["completion"] for r in rows if r["condition"] in ("harmful_baseline", "harmless_baseline")]
+    plain_texts = tok.batch_decode([torch.tensor(t, dtype=torch.long) for t in plain_tokens], skip_special_tokens=True)
+    n_text = sum(a != b for a, b in zip(base_texts, plain_texts, strict=True))
+
+    def tps(items) -> tuple[int, float]:
+        n = sum(len(r) for g in items for r in generated_tokens(g["new"], eos_ids))
+        return n, sum(g["seconds"] for g in items)
+
+    print(f"\ngeneration of the evaluation ({cfg.max_new_tokens} new tokens at most, batch {cfg.batch_size}, greedy)")
+    print(f"{'':<52}{'prompts':>8}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}")
+    n_plain = sum(len(r) for r in plain_tokens)
+    for label, (n, s), k in (("refusal-lens, no interventions (baseline conditions)", tps(base), len(rl_tokens)),
+                             ("plain transformers generate, same prompt ids", (n_plain, plain_s), len(plain_tokens)),
+                             ("refusal-lens, with interventions (other conditions)", tps(hooked),
+                              sum(len(g["new"]) for g in hooked))):
+        print(f"{label:<52}{k:>8}{n:>8}{s:>9.1f}{(n / s if s else float('nan')):>10.1f}")
+    plain_count = plain_counter.counts["plain generate"]
+    print(f"plain generate: cost {plain_s * peak / 1e12:.3g} TFLOP-eq, useful {shape.useful_flops(plain_count) / 1e12:.3g} "
+          f"TF, cost/useful {plain_s * peak / max(shape.useful_flops(plain_count), 1):.2f}")
+    print("check: refusal-lens generate without interventions == plain transformers greedy tokens: "
+          + ("yes" if n_diff == 0 else f"NO ({n_diff}/{len(rl_tokens)} completions differ)")
+          + f" ({len(rl_tokens)} completions; decoded text equal to completions.jsonl: "
+          + ("yes" if n_text == 0 else f"NO, {n_text} differ") + ")")
+    (n_h, s_h), (n_b, s_b) = tps(hooked), tps(base)
+    if s_h and plain_s:
+        print(f"refusal-lens under interventions / plain throughput: {(n_h / s_h) / (n_plain / plain_s):.2f}x "
+              f"(goal >= 1.5x); without interventions: {(n_b / s_b) / (n_plain / plain_s):.2f}x")
+
+    print(f"whole run: {res.seconds * peak / 1e12:.1f} TFLOP-equivalents ({res.seconds:.1f} s x {peak / 1e9:.0f} GFLOP/s)")
+
+
+if __name__ == "__main__":
+    main()
