@@ -472,6 +472,10 @@ def direction_attribution(
 
     Returns:
         :class:`DirectionAttribution`; ``.total`` is the projection of the residual itself.
+
+    Example:
+        >>> attr = direction_attribution(model, load_builtin("harmful", "test")[:8], direction)
+        >>> attr.top(8)                         # the heads that write the refusal direction most
     """
     if isinstance(direction, Direction):
         direction.check_model(model)

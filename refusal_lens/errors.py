@@ -2,7 +2,14 @@
 
 
 class RefusalLensError(Exception):
-    """Base class for refusal-lens errors; the CLI prints these without a traceback."""
+    """Base class for refusal-lens errors; the CLI prints these without a traceback.
+
+    Example:
+        >>> try:
+        ...     load_model("no/such/folder")
+        ... except RefusalLensError as e:
+        ...     print(e)                          # one line that names the fix
+    """
 
 
 class ModelLoadError(RefusalLensError):

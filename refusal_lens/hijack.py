@@ -376,6 +376,11 @@ def hijack_analysis(
 
     Returns:
         :class:`HijackReport` (``.summary()``, ``.plot()``, ``.save(dir)``).
+
+    Example:
+        >>> adv = SuffixResult.load("refusal_lens/data/suffix_qwen2.5_coder_0.5b.json")
+        >>> report = hijack_analysis(model, direction, harmful_test, harmless_test, adv)
+        >>> report.save("runs/hijack")            # numbers + hijack.html
     """
     direction.check_model(model)
     for name, items in (("harmful", harmful), ("harmless", harmless)):

@@ -700,6 +700,9 @@ def check_equivalence(model, direction: Direction | Tensor, prompts, *, keep: bo
     Raises:
         ExportError: already orthogonalized, or a family with norms after its writers (Gemma2/3,
             OLMo2), where the two are different functions: use :func:`check_edit`.
+
+    Example:
+        >>> check_equivalence(model, direction, load_builtin("harmless", "test")[:8])   # 3.9e-05 on the embedded model
     """
     check_direction(model, direction, allow_other_model=allow_other_model)
     if not is_exact(model):

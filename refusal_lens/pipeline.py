@@ -422,6 +422,10 @@ def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwr
 
     ``phases`` (optional) receives the time of each phase of :data:`PHASES` (as ``RunResult.timings`` and
     ``evaluation.json``'s ``timings_s`` do).
+
+    Example:
+        >>> result = run_pipeline(load_model(), "runs/demo", RunConfig(n_test=24))
+        >>> result.direction.layer, result.evaluation["conditions"]["harmful_ablated"]["refusal_score"]
     """
     cfg = cfg or RunConfig()
     check_output_dir(out, overwrite)

@@ -279,6 +279,10 @@ def select_direction(
     Returns:
         The selected :class:`Direction` (its provenance records the scores and rule) and the
         :class:`Selection` with every candidate's scores.
+
+    Example:
+        >>> direction, selection = select_direction(model, cands, harmful_val, harmless_val, refusal_ids)
+        >>> selection.rule_text, selection.plot()
     """
     if strategy not in ("fast", "exhaustive"):
         raise DataError(f"Unknown selection strategy {strategy!r}; use 'fast' or 'exhaustive'.")
