@@ -16,7 +16,7 @@ one that measured the embedded model best.
 Example::
 
     res = mmlu(model, n_per_subject=2)                  # 114 questions
-    with ablate(model, direction):
+    with direction.ablate(model):
         edited = mmlu(model, n_per_subject=2)
     print(res.accuracy, edited.accuracy)                # 0.xxx [lo, hi] (n=114)
 """
