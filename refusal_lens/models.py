@@ -717,8 +717,11 @@ def boot_bridge(hf_model, tokenizer, model_id: str, *, device: str | torch.devic
 
 def _inputs_to_model_device(bridge, args, kwargs):
     """Forward pre-hook: token ids and masks built on the CPU go to the device of the model's embedding
-    (``cfg.device``; for a dispatched model, where accelerate expects the inputs). A no-op on the CPU."""
+    (``cfg.device``; for a dispatched model, where accelerate expects the inputs). A no-op on the CPU, and
+    when the embedding itself is offloaded (``meta``): accelerate's hook on it then aligns the inputs."""
     device = torch.device(bridge.cfg.device or "cpu")
+    if device.type == "meta":
+        return args, kwargs
 
     def move(x):
         return x.to(device) if isinstance(x, torch.Tensor) and x.device != device else x

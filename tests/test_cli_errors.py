@@ -409,7 +409,7 @@ def test_disk_full_while_writing_leaves_nothing(monkeypatch, tiny, tmp_path, cap
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(rd, "save_file", full)
-    fails(capsys, ["extract", "-m", tiny, "--n-train", "4", "--batch-size", "4", "--out", str(tmp_path / "c")], 1,
+    fails(capsys, ["extract", "-m", tiny, "--n-train", "4", "--batch-size", "4", "--no-filter", "--out", str(tmp_path / "c")], 1,
           "No space left on device", loads=True)
     assert list(tmp_path.iterdir()) == []  # the temporary files are gone too
 
