@@ -39,6 +39,7 @@ from refusal_lens.evaluate import (
 )
 from refusal_lens.interventions import generate
 from refusal_lens.io import atomic_dir, check_output_dir
+from refusal_lens.jsonio import json_safe
 from refusal_lens.methods import (
     METHOD_NAMES,
     EditMethod,
@@ -278,7 +279,7 @@ def run_compare(model, out: str | Path, cfg: CompareConfig | None = None, *, ove
                     for p, c in zip(prompts[s], cs, strict=True):
                         f.write(json.dumps({"method": name, "set": s, "instruction": p, "completion": c}) + "\n")
         info["seconds_total"] = round(time.perf_counter() - t0, 1)
-        (tmp / "compare.json").write_text(json.dumps(_clean({"info": info, "rows": rows}), indent=1))
+        (tmp / "compare.json").write_text(json.dumps(json_safe({"info": info, "rows": rows}), indent=1))
         (tmp / "table.md").write_text(markdown_table(rows) + "\n")
         write_compare_report(tmp / "report.html", rows, info, all_comps, prompts)
     exports = {}
@@ -306,16 +307,6 @@ def export_all_methods(model, methods: list[EditMethod], out: str | Path, *, ove
             console.print(f"  {m.name}: {report[m.name]}")
         (tmp / "exports.json").write_text(json.dumps(report, indent=1))
     return report
-
-
-def _clean(obj):
-    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 # --------------------------------------------------------------------------------------------------
