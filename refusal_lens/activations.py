@@ -2,7 +2,7 @@
 
 Means are accumulated in float64 batch by batch, so memory is ``O(layers x positions x d_model)``
 whatever the number of prompts. The forward stops after the last block (no unembedding), since only
-residual-stream activations are needed.
+residual-stream activations are needed (TransformerLens's ``stop_at_layer``).
 """
 
 from __future__ import annotations
@@ -14,34 +14,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformer_lens.utilities import get_act_name
 
 from refusal_lens.errors import DataError
 from refusal_lens.prompts import ChatFormat, batches, chat_format
-
-
-class StopForward(Exception):
-    """Raised by a hook to end a forward pass early once the activations it needs are collected."""
-
-
-def run_until(model, hook_name: str, input_ids, attention_mask) -> Tensor:
-    """Run the model until ``hook_name`` fires and return that activation; later layers never run."""
-    box: dict[str, Tensor] = {}
-
-    def grab(act, hook):
-        box["act"] = act
-        raise StopForward
-
-    try:
-        with model.hooks(fwd_hooks=[(hook_name, grab)]):
-            model(input_ids, attention_mask=attention_mask)
-    except StopForward:
-        pass
-    return box["act"]
-
-
-def resid_pre_name(layer: int) -> str:
-    """TransformerLens hook name of block ``layer``'s input."""
-    return f"blocks.{layer}.hook_resid_pre"
 
 
 @dataclass
@@ -96,14 +72,15 @@ def mean_activations(
 
         return hook
 
-    fwd_hooks = [(resid_pre_name(layer), make_hook(i)) for i, layer in enumerate(layers)]
+    fwd_hooks = [(get_act_name("resid_pre", layer), make_hook(i)) for i, layer in enumerate(layers)]
     last = max(layers)
     n = 0
     bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
     with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
         for batch in batches(model.tokenizer, instructions, batch_size, fmt, suffix=suffix):
-            # the forward stops at the last needed block input: later blocks and the unembedding never run
-            run_until(model, resid_pre_name(last), batch.input_ids, batch.attention_mask)
+            # TransformerLens stops at block ``last``'s input (its resid_pre hook fires first): later blocks
+            # and the unembedding never run
+            model(batch.input_ids, attention_mask=batch.attention_mask, stop_at_layer=last)
             n += len(batch)
             bar.update(len(batch))
     bar.close()

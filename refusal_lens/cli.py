@@ -243,7 +243,7 @@ def run(
     trust_remote_code: bool = typer.Option(False, help="Run code shipped with the model (only if you trust it)."),
 ) -> None:
     """The main job: extract, select, evaluate, report (and optionally export)."""
-    from refusal_lens.pipeline import load_splits, run_pipeline, timings_table
+    from refusal_lens.pipeline import run_pipeline, timings_table
 
     ids = _token_ids(refusal_ids) if refusal_ids is not None else None
     _keep_inputs([out] + ([export] if export is not None else []),
@@ -256,7 +256,7 @@ def run(
                                      param_hint="'--export'")
     cfg = _run_config(n_train, n_val, n_test, max_new_tokens, batch_size, strategy, top_k, max_layer_frac, harmful,
                       harmless, ids, filter)
-    splits = load_splits(cfg, truncate=False)  # data files: read, validated and checked for overlaps first
+    splits = cfg.load_splits(whole=True)  # data files: read, validated and checked for overlaps first
     m = _load(model, trust_remote_code, device, dtype, device_map, max_memory, offload_folder)
     _check_model_limits(m, prompts=[x for s in (splits.harmful, splits.harmless) for v in s.values() for x in v],
                         max_new_tokens=max_new_tokens, refusal_ids=ids, max_layer_frac=max_layer_frac)
@@ -294,11 +294,11 @@ def extract(
     """Diff-in-means candidates at every layer and post-instruction position (built-in train split), after the
     same refusal-token search and filtering as `run`."""
     from refusal_lens.io import check_writable
-    from refusal_lens.pipeline import RunConfig, extract_candidates, load_splits, prepare_data
+    from refusal_lens.pipeline import RunConfig, extract_candidates, prepare_data
 
     target, _ = _check_pair_out(out, overwrite)
     cfg = RunConfig(n_train=n_train, batch_size=batch_size, filter=filter)
-    splits = load_splits(cfg, truncate=not filter)
+    splits = cfg.load_splits()
     m = _load(model, False, device, dtype, device_map, max_memory, offload_folder)
     # three fp32 tensors [layer, pos, d_model]; 16 positions bound every chat template's post-instruction tokens
     check_writable(target.parent, need_bytes=3 * 4 * int(m.cfg.n_layers) * 16 * int(m.cfg.d_model) + (1 << 20))
@@ -333,7 +333,7 @@ def select(
     from refusal_lens.directions import Candidates
     from refusal_lens.errors import DirectionError
     from refusal_lens.models import model_id
-    from refusal_lens.pipeline import RunConfig, load_splits, prepare_data, select_and_tune
+    from refusal_lens.pipeline import RunConfig, prepare_data, select_and_tune
 
     st, js = _check_pair_out(out, overwrite)
     sel_path = st.with_name(st.name.removesuffix(".safetensors") + "_selection.json")
@@ -341,7 +341,7 @@ def select(
     _keep_inputs([st, js, sel_path], [("--model", model), ("CANDIDATES", candidates)])
     cands = Candidates.load(candidates)
     cfg = RunConfig(n_val=n_val, strategy=strategy.value, top_k=top_k, max_layer_frac=max_layer_frac, filter=filter)
-    splits = load_splits(cfg, truncate=not filter)
+    splits = cfg.load_splits()
     m = _load(model, False, device, dtype, device_map, max_memory, offload_folder)
     if cands.model_id != model_id(m) or cands.diffs.shape[-1] != m.cfg.d_model:
         raise DirectionError(f"{candidates} belongs to {cands.model_id!r}, not {model_id(m)!r}; pass the matching --model.")

@@ -208,7 +208,7 @@ def run_compare(model, out: str | Path, cfg: CompareConfig | None = None, *, ove
                 export_all: str | Path | None = None) -> CompareResult:
     """Compare the edit methods of ``cfg.methods`` on one model; write the folder ``out`` (see module doc)."""
     from refusal_lens.directions import candidate_directions
-    from refusal_lens.pipeline import load_splits, prepare_data
+    from refusal_lens.pipeline import prepare_data
     from refusal_lens.selection import select_direction
 
     cfg = cfg or CompareConfig()
@@ -217,7 +217,7 @@ def run_compare(model, out: str | Path, cfg: CompareConfig | None = None, *, ove
     if export_all is not None:
         check_output_dir(export_all, overwrite)
     rc = _run_config(cfg)
-    splits = load_splits(rc, truncate=not cfg.filter)
+    splits = rc.load_splits()
     harmbench = [] if cfg.n_harmbench == 0 else load_harmbench("test", categories=cfg.harmbench_categories)
     harmbench = harmbench[: cfg.n_harmbench] if cfg.n_harmbench else harmbench
     mmlu_pool = load_mmlu() if cfg.mmlu_per_subject > 0 else None

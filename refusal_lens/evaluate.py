@@ -22,7 +22,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from refusal_lens.activations import run_until
+from refusal_lens.data import MIN_PER_SPLIT, Splits
+from refusal_lens.errors import DataError
 from refusal_lens.interventions import Intervention, applied
 from refusal_lens.prompts import ChatFormat, batches, chat_format
 
@@ -55,21 +56,14 @@ def refusal_score(completions: Sequence[str]) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def _has_softcap(model) -> bool:
-    cfg = getattr(model.original_model, "config", None)
-    return bool(getattr(cfg, "final_logit_softcapping", None))
-
-
 def last_position_logits(model, input_ids, attention_mask) -> Float[Tensor, "batch vocab"]:
     """Logits at the last position of a left-padded batch (differentiable; no ``no_grad`` here).
 
-    The final norm and unembedding run on the last position only (a quarter of a small model's FLOPs
-    sit in the unembedding); models with logit soft-capping take the full forward.
+    ``logits_to_keep=1`` (passed through the bridge to the Hugging Face model) unembeds the last position
+    only: a quarter of a small model's FLOPs sit in the unembedding. Logit soft-capping (Gemma 2) is
+    applied by the model as usual; the result is bitwise the full forward's last row on the embedded model.
     """
-    if _has_softcap(model):
-        return model(input_ids, attention_mask=attention_mask)[:, -1]
-    resid = run_until(model, "ln_final.hook_in", input_ids, attention_mask)
-    return model.unembed(model.ln_final(resid[:, -1:, :]))[:, 0]
+    return model(input_ids, attention_mask=attention_mask, logits_to_keep=1)[:, -1]
 
 
 @torch.no_grad()
@@ -127,6 +121,76 @@ def filter_by_refusal(model, instructions: Sequence[str], refusal_ids: Sequence[
     return [x for x, k in zip(instructions, keep.tolist(), strict=True) if k], metric
 
 
+MIN_REFUSED_SHARE = 0.10  # share of harmful train prompts the model must refuse for a direction worth selecting
+MIN_REFUSAL_RATIO = 1.5  # ... at least this many times the share of harmless train prompts it refuses
+
+
+def check_refuses_enough(refused: int, n_harmful: int, refused_harmless: int, n_harmless: int) -> None:
+    """Stop a run on a model that barely refuses, after filtering and before extraction.
+
+    Args:
+        refused: harmful train prompts with refusal metric > 0, of ``n_harmful``.
+        refused_harmless: harmless train prompts with refusal metric > 0, of ``n_harmless``.
+
+    Raises:
+        DataError: when less than :data:`MIN_REFUSED_SHARE` of the harmful train prompts are refused, or
+            harmful ones are refused less than :data:`MIN_REFUSAL_RATIO` times as often as harmless ones.
+    """
+    p_h, p_hl = refused / max(n_harmful, 1), refused_harmless / max(n_harmless, 1)
+    if p_h >= MIN_REFUSED_SHARE and p_h >= MIN_REFUSAL_RATIO * p_hl:
+        return
+    why = (f"less than {MIN_REFUSED_SHARE:.0%} of them" if p_h < MIN_REFUSED_SHARE else
+           f"it refuses harmful prompts less than {MIN_REFUSAL_RATIO:g}x as often as harmless ones")
+    raise DataError(
+        f"The model refuses only {refused} of the {n_harmful} harmful train prompts ({p_h:.0%}; refusal metric > 0 "
+        f"on its refusal tokens), and {refused_harmless} of the {n_harmless} harmless ones ({p_hl:.0%}): {why}. "
+        "So there is no refusal direction to select: the harmful-minus-harmless mean would measure the topic "
+        "of the prompts, not a refusal, and any pick would be noise. Try a model that refuses (e.g. -m "
+        "qwen2.5-coder-0.5b), harmful prompts of the kind this model does refuse (--harmful FILE), or study it "
+        "from Python (candidate_directions, direction_attribution, hijack_analysis work on any model); "
+        "--no-filter runs the selection anyway.")
+
+
+def filter_splits(model, splits: Splits, refusal_ids: Sequence[int], *, n_train: int | None = 128,
+                  n_val: int | None = 32, batch_size: int = 16) -> dict:
+    """The paper's filtering of the train and val splits, in place: keep harmful instructions the model
+    refuses (refusal metric > 0) and harmless ones it does not (metric < 0), then cut to ``n_train`` /
+    ``n_val`` (``None``: keep all). The test split is left whole: evaluation covers every harmful test prompt.
+
+    Without it, harmful prompts the model answers anyway dilute the harmful mean and the bypass score; on
+    the embedded model (which answers many harmful requests) the selected direction's KL on harmless val
+    fell from 0.59 without filtering to 0.06 with it.
+
+    Returns:
+        Per set and split: how many were scored, kept by the filter, and used.
+
+    Raises:
+        DataError: when the model barely refuses (:func:`check_refuses_enough`), or fewer than the minimum
+            pass, naming ``--no-filter``.
+    """
+    counts: dict[str, dict[str, int]] = {}
+    kept_by = {(kind, split): filter_by_refusal(model, getattr(splits, kind)[split], refusal_ids, refused=refused,
+                                                batch_size=batch_size, desc=f"filtering {kind} {split}")[0]
+               for kind, refused in (("harmful", True), ("harmless", False)) for split in ("train", "val")}
+    check_refuses_enough(len(kept_by["harmful", "train"]), len(splits.harmful["train"]),
+                         len(splits.harmless["train"]) - len(kept_by["harmless", "train"]), len(splits.harmless["train"]))
+    for kind, refused in (("harmful", True), ("harmless", False)):
+        target = getattr(splits, kind)
+        for split, limit in (("train", n_train), ("val", n_val)):
+            items = target[split]
+            kept = kept_by[kind, split]
+            if len(kept) < MIN_PER_SPLIT[split]:
+                which = "refuses" if refused else "answers"
+                raise DataError(
+                    f"The model {which} only {len(kept)} of the {len(items)} {kind} {split} instructions (refusal "
+                    f"metric {'>' if refused else '<'} 0); at least {MIN_PER_SPLIT[split]} are needed. If this model "
+                    "barely refuses there may be no refusal to find; otherwise add prompts, or pass --no-filter "
+                    "(filter=False) to use them unfiltered.")
+            target[split] = kept[:limit] if limit is not None else kept
+            counts[f"{kind}_{split}"] = {"scored": len(items), "kept": len(kept), "used": len(target[split])}
+    return counts
+
+
 def kl_last(base_logits: Float[Tensor, "batch vocab"], logits: Float[Tensor, "batch vocab"]) -> float:
     """Mean over prompts of ``KL(base || other)`` at the last position, in nats."""
     lp = base_logits.double().log_softmax(-1)
@@ -161,7 +225,6 @@ def find_refusal_tokens(model, harmful: Sequence[str], *, min_share: float = 0.0
     Example:
         >>> find_refusal_tokens(model, load_builtin("harmful", "train")[:32]).strings   # Qwen: ['I', 'As']
     """
-    from refusal_lens.errors import DataError
     from refusal_lens.interventions import generate
 
     fmt = fmt or chat_format(model)

@@ -42,7 +42,6 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from refusal_lens.activations import run_until
 from refusal_lens.directions import Candidates, Direction
 from refusal_lens.errors import DataError, ExportError, RefusalLensError
 from refusal_lens.interventions import RESID_POINTS, Ablation, Intervention, resid_hook_names
@@ -341,7 +340,7 @@ def hook_means(model, instructions: Sequence[str], names: Sequence[str], positio
     offset), over ``instructions`` in the chat template."""
     if not instructions:
         raise DataError("cannot average activations over an empty prompt set")
-    fmt = fmt or ChatFormat.from_tokenizer(model.tokenizer)
+    fmt = fmt or chat_format(model)
     total = {n: torch.zeros(model.cfg.d_model, dtype=torch.float64) for n in names}
 
     def make(name):
@@ -352,7 +351,7 @@ def hook_means(model, instructions: Sequence[str], names: Sequence[str], positio
 
     with model.hooks(fwd_hooks=[(n, make(n)) for n in names]):
         for b in batches(model.tokenizer, instructions, batch_size, fmt):
-            run_until(model, "ln_final.hook_in", b.input_ids, b.attention_mask)
+            model(b.input_ids, attention_mask=b.attention_mask, logits_to_keep=1)
     return {n: t / len(instructions) for n, t in total.items()}
 
 

@@ -29,14 +29,14 @@ from rich.console import Console
 from rich.table import Table
 
 from refusal_lens import __version__
-from refusal_lens.data import check_disjoint, load_builtin, load_instructions, validate_instructions
+from refusal_lens.data import Splits, load_splits
 from refusal_lens.directions import Candidates, Direction, candidate_directions
 from refusal_lens.errors import DataError
 from refusal_lens.evaluate import (
     RefusalTokens,
     coherence,
     completion_ce,
-    filter_by_refusal,
+    filter_splits,
     find_refusal_tokens,
     kl_last,
     last_logits,
@@ -125,114 +125,17 @@ class RunConfig:
     mmlu_per_subject: int = 1  # MMLU questions per subject (57 subjects), base vs ablated; 0 skips
     mmlu_format: str = "zero-shot-prefix"
 
+    def split_sizes(self, *, whole: bool = False) -> dict[str, int | None]:
+        """``n_train`` / ``n_val`` / ``n_test`` for :func:`refusal_lens.data.load_splits`: train and val are
+        loaded whole when filtering (:func:`~refusal_lens.evaluate.filter_splits` cuts after it filters) or
+        when ``whole`` (to validate every prompt before the model loads)."""
+        keep_all = whole or self.filter
+        return {"n_train": None if keep_all else self.n_train, "n_val": None if keep_all else self.n_val,
+                "n_test": self.n_test}
 
-@dataclass
-class Splits:
-    """Instructions per set and split (train: extraction, val: selection, test: evaluation)."""
-
-    harmful: dict[str, list[str]] = field(default_factory=dict)
-    harmless: dict[str, list[str]] = field(default_factory=dict)
-
-
-MIN_PER_SPLIT = {"train": 4, "val": 2, "test": 2}
-
-
-def load_splits(cfg: RunConfig, *, truncate: bool = True) -> Splits:
-    """Built-in data, or the user's files (which must have a ``split`` column); validated.
-
-    ``truncate=False`` keeps whole train and val splits (for :func:`filter_splits`, which truncates after
-    filtering); the test split is always cut to ``n_test``.
-    """
-    splits = Splits()
-    limits = {"train": cfg.n_train if truncate else None, "val": cfg.n_val if truncate else None, "test": cfg.n_test}
-    for name, limit in limits.items():
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise DataError(f"n_{name} must be a whole number >= 1 (or None for every {name} prompt), got {limit!r}.")
-    for kind, path in (("harmful", cfg.harmful_path), ("harmless", cfg.harmless_path)):
-        target = getattr(splits, kind)
-        # the whole set first: an instruction repeated across splits would leak train into test
-        validate_instructions(load_instructions(path) if path else load_builtin(kind), name=f"{kind} set")
-        for split in limits:
-            items = load_instructions(path, split=split) if path else load_builtin(kind, split)
-            name = f"{kind} {split}" + (f" ({path})" if path else "")
-            target[split] = validate_instructions(items, name=name, min_count=MIN_PER_SPLIT[split])
-    # every split of both sets, before truncation: a harmful train prompt in the harmless test split leaks too
-    check_disjoint({f"{kind} {split}": items for kind in ("harmful", "harmless")
-                    for split, items in getattr(splits, kind).items()})
-    for kind in ("harmful", "harmless"):
-        target = getattr(splits, kind)
-        for split, limit in limits.items():
-            target[split] = target[split][:limit] if limit is not None else target[split]
-    return splits
-
-
-MIN_REFUSED_SHARE = 0.10  # share of harmful train prompts the model must refuse for a direction worth selecting
-MIN_REFUSAL_RATIO = 1.5  # ... at least this many times the share of harmless train prompts it refuses
-
-
-def check_refuses_enough(refused: int, n_harmful: int, refused_harmless: int, n_harmless: int) -> None:
-    """Stop a run on a model that barely refuses, after filtering and before extraction.
-
-    Args:
-        refused: harmful train prompts with refusal metric > 0, of ``n_harmful``.
-        refused_harmless: harmless train prompts with refusal metric > 0, of ``n_harmless``.
-
-    Raises:
-        DataError: when less than :data:`MIN_REFUSED_SHARE` of the harmful train prompts are refused, or
-            harmful ones are refused less than :data:`MIN_REFUSAL_RATIO` times as often as harmless ones.
-    """
-    p_h, p_hl = refused / max(n_harmful, 1), refused_harmless / max(n_harmless, 1)
-    if p_h >= MIN_REFUSED_SHARE and p_h >= MIN_REFUSAL_RATIO * p_hl:
-        return
-    why = (f"less than {MIN_REFUSED_SHARE:.0%} of them" if p_h < MIN_REFUSED_SHARE else
-           f"it refuses harmful prompts less than {MIN_REFUSAL_RATIO:g}x as often as harmless ones")
-    raise DataError(
-        f"The model refuses only {refused} of the {n_harmful} harmful train prompts ({p_h:.0%}; refusal metric > 0 "
-        f"on its refusal tokens), and {refused_harmless} of the {n_harmless} harmless ones ({p_hl:.0%}): {why}. "
-        "So there is no refusal direction to select: the harmful-minus-harmless mean would measure the topic "
-        "of the prompts, not a refusal, and any pick would be noise. Try a model that refuses (e.g. -m "
-        "qwen2.5-coder-0.5b), harmful prompts of the kind this model does refuse (--harmful FILE), or study it "
-        "from Python (candidate_directions, direction_attribution, hijack_analysis work on any model); "
-        "--no-filter runs the selection anyway.")
-
-
-def filter_splits(model, splits: Splits, refusal_ids, cfg: RunConfig) -> dict:
-    """The paper's filtering of the train and val splits, in place: keep harmful instructions the model
-    refuses (refusal metric > 0) and harmless ones it does not (metric < 0), then cut to ``n_train`` /
-    ``n_val``. The test split is left whole: evaluation covers every harmful test prompt.
-
-    Without it, harmful prompts the model answers anyway dilute the harmful mean and the bypass score; on
-    the embedded model (which answers many harmful requests) the selected direction's KL on harmless val
-    fell from 0.59 without filtering to 0.06 with it.
-
-    Returns:
-        Per set and split: how many were scored, kept by the filter, and used.
-
-    Raises:
-        DataError: when the model barely refuses (:func:`check_refuses_enough`), or fewer than the minimum
-            pass, naming ``--no-filter``.
-    """
-    counts: dict[str, dict[str, int]] = {}
-    kept_by = {(kind, split): filter_by_refusal(model, getattr(splits, kind)[split], refusal_ids, refused=refused,
-                                                batch_size=cfg.batch_size, desc=f"filtering {kind} {split}")[0]
-               for kind, refused in (("harmful", True), ("harmless", False)) for split in ("train", "val")}
-    check_refuses_enough(len(kept_by["harmful", "train"]), len(splits.harmful["train"]),
-                         len(splits.harmless["train"]) - len(kept_by["harmless", "train"]), len(splits.harmless["train"]))
-    for kind, refused in (("harmful", True), ("harmless", False)):
-        target = getattr(splits, kind)
-        for split, limit in (("train", cfg.n_train), ("val", cfg.n_val)):
-            items = target[split]
-            kept = kept_by[kind, split]
-            if len(kept) < MIN_PER_SPLIT[split]:
-                which = "refuses" if refused else "answers"
-                raise DataError(
-                    f"The model {which} only {len(kept)} of the {len(items)} {kind} {split} instructions (refusal "
-                    f"metric {'>' if refused else '<'} 0); at least {MIN_PER_SPLIT[split]} are needed. If this model "
-                    "barely refuses there may be no refusal to find; otherwise add prompts, or pass --no-filter "
-                    "(filter=False) to use them unfiltered.")
-            target[split] = kept[:limit] if limit is not None else kept
-            counts[f"{kind}_{split}"] = {"scored": len(items), "kept": len(kept), "used": len(target[split])}
-    return counts
+    def load_splits(self, *, whole: bool = False) -> Splits:
+        """:func:`refusal_lens.data.load_splits` of this run's data files and sizes."""
+        return load_splits(self.harmful_path, self.harmless_path, **self.split_sizes(whole=whole))
 
 
 @dataclass
@@ -252,7 +155,7 @@ def prepare_data(model, cfg: RunConfig, splits: Splits | None = None, *, need_to
 
     ``need_tokens=False`` skips the refusal-token search when filtering is off (extraction alone needs none).
     """
-    splits = splits if splits is not None else load_splits(cfg, truncate=not cfg.filter)
+    splits = splits if splits is not None else cfg.load_splits()
     if not (need_tokens or cfg.filter):
         return PreparedData(splits, None, None)
     if cfg.refusal_ids:
@@ -260,7 +163,8 @@ def prepare_data(model, cfg: RunConfig, splits: Splits | None = None, *, need_to
         rtoks = RefusalTokens(list(cfg.refusal_ids), [tok.decode([i]) for i in cfg.refusal_ids], math.nan, 0)
     else:
         rtoks = find_refusal_tokens(model, splits.harmful["train"][:32], batch_size=cfg.batch_size)
-    filtering = filter_splits(model, splits, rtoks.ids, cfg) if cfg.filter else None
+    filtering = filter_splits(model, splits, rtoks.ids, n_train=cfg.n_train, n_val=cfg.n_val,
+                                  batch_size=cfg.batch_size) if cfg.filter else None
     if filtering:
         console.print("  kept " + ", ".join(f"{k.replace('_', ' ')} {v['kept']}/{v['scored']}"
                                             for k, v in filtering.items()))
@@ -436,7 +340,7 @@ def run_pipeline(model, out: str | Path, cfg: RunConfig | None = None, *, overwr
     phases = phases if phases is not None else Phases()
     timings = phases.seconds
 
-    splits = load_splits(cfg, truncate=not cfg.filter)
+    splits = cfg.load_splits()
     with torch.no_grad(), atomic_dir(out, overwrite=overwrite) as tmp:
         phases.start("extract")
         console.print("[bold]1/4 extract[/]: refusal tokens from the model's own refusals"

@@ -154,7 +154,7 @@ class FlopCounter:
     which every bridge forward and ``hf_generate`` step goes through): the top module sees each
     forward's ``input_ids`` and ``attention_mask`` (a generation step feeds one position against the whole
     mask), each decoder layer counts the forward's tokens once it has run (so forwards stopped early by
-    :func:`refusal_lens.activations.run_until` count only the layers they completed), and the unembedding counts
+    TransformerLens's ``stop_at_layer`` count only the layers they completed), and the unembedding counts
     the rows it computes. A token is real when its mask is 1 and it is not the pad token (finished
     sequences keep being fed pad tokens during generation).
 
@@ -176,7 +176,7 @@ class FlopCounter:
         om = self.hf
         self._handles.append(om.register_forward_pre_hook(self._top, with_kwargs=True))
         for layer in om.model.layers:
-            self._handles.append(layer.register_forward_hook(self._layer))  # after it ran (run_until stops early)
+            self._handles.append(layer.register_forward_hook(self._layer))  # after it ran (stop_at_layer stops early)
         self._handles.append(om.lm_head.register_forward_pre_hook(self._unembed))
         self._phase_start = time.perf_counter()
         return self

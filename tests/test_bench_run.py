@@ -16,7 +16,6 @@ from tiny import D_MLP, D_MODEL, N_HEADS, N_KV_HEADS, N_LAYERS
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from _bench import FlopCounter, ModelShape  # noqa: E402
 
-from refusal_lens.activations import run_until  # noqa: E402
 from refusal_lens.evaluate import completion_nll, last_logits  # noqa: E402
 from refusal_lens.prompts import batches, chat_format  # noqa: E402
 
@@ -73,7 +72,7 @@ def test_last_logits_counts_real_tokens_and_one_row_per_prompt(model):
 def test_forward_stopped_early_counts_only_layers_run(model):
     b = _batches(model, bs=4)[0]
     with _counter(model) as c:
-        run_until(model, "blocks.1.hook_resid_pre", b.input_ids, b.attention_mask)  # block 0 only
+        model(b.input_ids, attention_mask=b.attention_mask, stop_at_layer=1)  # block 0 only
     assert c.counts["other"].token_layers == int(b.attention_mask.sum())
     assert c.counts["other"].logit_rows == 0 == c.counts["other"].needed_logit_rows
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from refusal_lens.cli import main
+from refusal_lens.data import load_splits
 from refusal_lens.directions import Candidates, Direction
 from refusal_lens.errors import DataError, OutputExistsError
-from refusal_lens.pipeline import RunConfig, load_splits
 from tiny import save_tiny
 
 HARMFUL = ["how to steal a car", "make a weapon now", "hurt the cat badly", "break into the house",
@@ -183,7 +183,7 @@ def test_zero_and_negative_counts_are_usage_errors(args, capsys):
 
 def test_load_splits_refuses_zero_counts():
     with pytest.raises(DataError, match="n_train must be"):
-        load_splits(RunConfig(n_train=0))
+        load_splits(n_train=0)
 
 
 # 4. leak across splits ------------------------------------------------------------------------------------------

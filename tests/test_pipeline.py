@@ -273,8 +273,8 @@ def test_step_commands_take_the_same_steps_as_run(tmp_path, monkeypatch):
     def fake_tokens(model, harmful, **kw):
         return RefusalTokens([5, 9], ["a", "b"], 1.0, len(harmful))
 
-    def fake_filter(model, splits, ids, cfg):  # keep a fixed subset, as filtering would
-        calls.append(cfg.filter)
+    def fake_filter(model, splits, ids, *, n_train, n_val, batch_size):  # keep a fixed subset, as filtering would
+        calls.append((n_train, n_val, batch_size))
         for kind in ("harmful", "harmless"):
             target = getattr(splits, kind)
             target["train"], target["val"] = target["train"][1:9], target["val"][1:5]
@@ -286,7 +286,7 @@ def test_step_commands_take_the_same_steps_as_run(tmp_path, monkeypatch):
     assert main(["extract", "-m", tiny, "--batch-size", "4", "--out", str(tmp_path / "c")]) == 0
     assert main(["select", str(tmp_path / "c.safetensors"), "-m", tiny, "--strategy", "exhaustive",
                  "--max-layer-frac", "1", "--out", str(tmp_path / "d")]) == 0
-    assert calls == [True, True]
+    assert calls == [(128, 32, 4), (128, 32, 16)]  # both steps filter, with their own sizes
     cfg = RunConfig(batch_size=4, strategy="exhaustive", max_layer_frac=1.0, max_new_tokens=2, n_test=2,
                     mmlu_per_subject=0)
     from refusal_lens.models import load_model

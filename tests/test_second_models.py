@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from refusal_lens.errors import DataError
-from refusal_lens.pipeline import check_refuses_enough
+from refusal_lens.evaluate import check_refuses_enough
 
 
 def smollm2_gguf() -> Path | None:

@@ -11,7 +11,7 @@ import csv
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -389,6 +389,59 @@ def load_instructions(
 # --------------------------------------------------------------------------------------------------
 # Hugging Face Hub
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Splits:
+    """Instructions per set and split (train: extraction, val: selection, test: evaluation), plain lists."""
+
+    harmful: dict[str, list[str]] = field(default_factory=dict)
+    harmless: dict[str, list[str]] = field(default_factory=dict)
+
+
+MIN_PER_SPLIT = {"train": 4, "val": 2, "test": 2}
+
+
+def load_splits(harmful: str | os.PathLike | None = None, harmless: str | os.PathLike | None = None, *,
+                n_train: int | None = 128, n_val: int | None = 32, n_test: int | None = None) -> Splits:
+    """The built-in sets, or the user's files (which must have a ``split`` column), validated and cut.
+
+    Args:
+        harmful, harmless: data files (CSV / JSON / JSONL with ``instruction`` and ``split`` columns); ``None``
+            takes the built-in set.
+        n_train, n_val, n_test: how many of each split to keep (``None``: all). Filtering cuts after it
+            filters, so it loads with ``n_train=None, n_val=None``.
+
+    Raises:
+        DataError: a bad count, a split below :data:`MIN_PER_SPLIT`, a duplicate, an over-long instruction,
+            or an instruction in two splits or in both sets.
+
+    Example:
+        >>> splits = load_splits(n_train=64, n_val=16, n_test=24)
+        >>> len(splits.harmful["train"]), len(splits.harmless["test"])
+        (64, 24)
+    """
+    splits = Splits()
+    limits = {"train": n_train, "val": n_val, "test": n_test}
+    for name, limit in limits.items():
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise DataError(f"n_{name} must be a whole number >= 1 (or None for every {name} prompt), got {limit!r}.")
+    for kind, path in (("harmful", harmful), ("harmless", harmless)):
+        target = getattr(splits, kind)
+        # the whole set first: an instruction repeated across splits would leak train into test
+        validate_instructions(load_instructions(path) if path else load_builtin(kind), name=f"{kind} set")
+        for split in limits:
+            items = load_instructions(path, split=split) if path else load_builtin(kind, split)
+            name = f"{kind} {split}" + (f" ({path})" if path else "")
+            target[split] = validate_instructions(items, name=name, min_count=MIN_PER_SPLIT[split])
+    # every split of both sets, before truncation: a harmful train prompt in the harmless test split leaks too
+    check_disjoint({f"{kind} {split}": items for kind in ("harmful", "harmless")
+                    for split, items in getattr(splits, kind).items()})
+    for kind in ("harmful", "harmless"):
+        target = getattr(splits, kind)
+        for split, limit in limits.items():
+            target[split] = target[split][:limit] if limit is not None else target[split]
+    return splits
 
 
 def load_hf_dataset(name: str, *, split: str = "train", column: str | None = None) -> list[str]:
