@@ -153,16 +153,32 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+SLOW_EXTRACT = """
+import sys, time
+import refusal_lens.pipeline as pipeline
+real = pipeline.extract_candidates
+def slow(*args, **kwargs):  # at work for a minute: the signal always lands mid-step
+    print("extracting", file=sys.stderr, flush=True)
+    time.sleep(60)
+    return real(*args, **kwargs)
+pipeline.extract_candidates = slow
+from refusal_lens.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_sigint_to_the_process_exits_130(tiny, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "refusal_lens.cli", "extract", "-m", tiny, "--out",
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EXTRACT, "extract", "-m", tiny, "--no-filter", "--out",
                              str(tmp_path / "c")], stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     assert proc.stderr is not None
+    seen = []
     for line in proc.stderr:  # wait until it is at work, then interrupt it
-        if "loading model" in line:
+        seen.append(line)
+        if "extracting" in line:
             proc.send_signal(signal.SIGINT)
             break
-    err = proc.stderr.read()
+    err = "".join(seen) + proc.stderr.read()
     assert proc.wait(timeout=120) == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not any(p.name.startswith("c.") for p in tmp_path.iterdir())
