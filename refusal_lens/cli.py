@@ -191,13 +191,13 @@ def _check_model_limits(m, *, prompts: Sequence[str] = (), max_new_tokens: int =
 
 
 def _run_config(n_train, n_val, n_test, max_new_tokens, batch_size, strategy, top_k, max_layer_frac, harmful,
-                harmless, refusal_ids, filter):
+                harmless, refusal_ids, filter, gen_batch_size=64):
     from refusal_lens.pipeline import RunConfig
 
     return RunConfig(n_train=n_train, n_val=n_val, n_test=n_test, max_new_tokens=max_new_tokens,
                      batch_size=batch_size, strategy=strategy.value, top_k=top_k, max_layer_frac=max_layer_frac,
                      harmful_path=str(harmful) if harmful else None, harmless_path=str(harmless) if harmless else None,
-                     refusal_ids=refusal_ids, filter=filter)
+                     refusal_ids=refusal_ids, filter=filter, gen_batch_size=gen_batch_size)
 
 
 MODEL_OPT = typer.Option(None, "--model", "-m", help="Short name (qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), HF "
@@ -233,6 +233,9 @@ def run(
                                       "default all)."),
     max_new_tokens: int = typer.Option(40, min=1, help="Tokens generated per completion."),
     batch_size: int = typer.Option(16, min=1, max=MAX_BATCH_SIZE, help="Prompts per forward pass."),
+    gen_batch_size: int = typer.Option(64, min=1, max=MAX_BATCH_SIZE, help="Prompts per generation batch (greedy "
+                                       "decoding reads every weight once per step: wider batches are cheaper per "
+                                       "token; finished prompts leave the batch)."),
     strategy: Strategy = typer.Option(Strategy.fast, help="Selection: 'fast' (screen, then score top-k) or "
                                       "'exhaustive'."),
     top_k: int = typer.Option(6, min=1, help="Candidates fully scored after screening (fast strategy)."),
@@ -257,7 +260,7 @@ def run(
             raise typer.BadParameter("the export folder must differ from the run folder --out.",
                                      param_hint="'--export'")
     cfg = _run_config(n_train, n_val, n_test, max_new_tokens, batch_size, strategy, top_k, max_layer_frac, harmful,
-                      harmless, ids, filter)
+                      harmless, ids, filter, gen_batch_size)
     splits = cfg.load_splits(whole=True)  # data files: read, validated and checked for overlaps first
     m = _load(model, trust_remote_code, device, dtype, device_map, max_memory, offload_folder)
     _check_model_limits(m, prompts=[x for s in (splits.harmful, splits.harmless) for v in s.values() for x in v],

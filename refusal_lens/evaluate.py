@@ -251,11 +251,15 @@ def find_refusal_tokens(model, harmful: Sequence[str], *, min_share: float = 0.0
 
 
 @torch.no_grad()
-def completion_nll(model, instructions: Sequence[str], completions: Sequence[str], *,
+def completion_nll(model, instructions: Sequence[str], completions: Sequence[str] | Sequence[Sequence[int]], *,
                    interventions: Intervention | Sequence[Intervention] | None = None, batch_size: int = 8,
                    fmt: ChatFormat | None = None, progress: bool = True,
                    desc: str = "scoring completions") -> list[tuple[float, int]]:
-    """Per completion: (summed negative log-likelihood in nats, number of tokens), given its prompt."""
+    """Per completion: (summed negative log-likelihood in nats, number of tokens), given its prompt.
+
+    A completion is a string (tokenized here) or the token ids themselves (e.g. a generation's own tokens,
+    :attr:`refusal_lens.interventions.Completions.tokens`).
+    """
     fmt = fmt or chat_format(model)
     tok = model.tokenizer
     results: list[tuple[float, int]] = []
@@ -265,7 +269,7 @@ def completion_nll(model, instructions: Sequence[str], completions: Sequence[str
             prompts = [fmt.format(x) for x in instructions[start : start + batch_size]]
             comps = list(completions[start : start + batch_size])
             p_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-            c_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in comps]
+            c_ids = [tok(c, add_special_tokens=False)["input_ids"] if isinstance(c, str) else list(c) for c in comps]
             seqs = [p + c for p, c in zip(p_ids, c_ids, strict=True)]
             width = max(len(s) for s in seqs)
             pad = tok.pad_token_id

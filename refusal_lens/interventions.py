@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
@@ -32,6 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.utilities import get_act_name
 
+from refusal_lens.decoding import greedy
 from refusal_lens.errors import RefusalLensError
 from refusal_lens.models import patch_kv_cache
 from refusal_lens.prompts import ChatFormat, batches, chat_format
@@ -170,6 +172,78 @@ def applied(interventions: Intervention | Sequence[Intervention] | None) -> Iter
         yield
 
 
+@dataclass
+class Completions:
+    """Greedy completions with what evaluation reuses from the generation itself.
+
+    Attributes:
+        texts: one completion per instruction (special tokens removed).
+        tokens: per instruction, the new token ids (the end token last when it was emitted).
+        logprobs: per instruction, each new token's log-probability (nats) under the model as it generated.
+        first_logits: ``[n_instructions, vocab]`` fp32 next-token logits at the last prompt position, as
+            :func:`refusal_lens.evaluate.last_logits` gives them (same batches: bitwise equal).
+        eos_id: the end token, not part of ``texts``.
+    """
+
+    texts: list[str]
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    first_logits: Float[Tensor, "n vocab"]
+    eos_id: int | None
+
+    def nll(self) -> list[tuple[float, int]]:
+        """Per completion: (summed negative log-likelihood in nats, number of tokens), the end token left out,
+        as :func:`refusal_lens.evaluate.completion_nll` scores the text (``tests/test_decoding.py``)."""
+        out = []
+        for toks, lps in zip(self.tokens, self.logprobs, strict=True):
+            n = len(toks) - (1 if toks and toks[-1] == self.eos_id else 0)
+            out.append((-sum(lps[:n]), n))
+        return out
+
+
+@torch.no_grad()
+def complete(
+    model,
+    instructions: Sequence[str],
+    *,
+    interventions: Intervention | Sequence[Intervention] | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    fmt: ChatFormat | None = None,
+    suffix: str = "",
+    progress: bool = True,
+    desc: str = "generating",
+) -> Completions:
+    """Greedy, batched, KV-cached completions of chat prompts (optionally under interventions), with their
+    first-position logits and token log-probabilities (:func:`refusal_lens.decoding.greedy`: a row leaves
+    the batch when it ends).
+
+    Example:
+        >>> c = complete(model, harmless, max_new_tokens=40)
+        >>> c.texts[0], c.first_logits.shape
+    """
+    patch_kv_cache()  # a bridge booted by hand has not been through load_model
+    fmt = fmt or chat_format(model)
+    tok = model.tokenizer
+    texts: list[str] = []
+    tokens: list[list[int]] = []
+    logprobs: list[list[float]] = []
+    first: list[Tensor] = []
+    bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
+    with applied(interventions):
+        for batch in batches(tok, instructions, batch_size, fmt, suffix=suffix):
+            g = greedy(model, batch.input_ids, batch.attention_mask, max_new_tokens=max_new_tokens,
+                       eos_id=tok.eos_token_id)
+            texts += tok.batch_decode(g.tokens, skip_special_tokens=True)
+            tokens += g.tokens
+            logprobs += g.logprobs
+            first.append(g.first_logits)
+            bar.update(len(batch))
+    bar.close()
+    vocab = int(model.cfg.d_vocab)
+    return Completions(texts, tokens, logprobs, torch.cat(first) if first else torch.empty(0, vocab), tok.eos_token_id)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -184,12 +258,15 @@ def generate(
     progress: bool = True,
     desc: str = "generating",
 ) -> list[str]:
-    """Greedy, batched, KV-cached completions of chat prompts, optionally under interventions.
+    """Greedy, batched, KV-cached completions of chat prompts, optionally under interventions
+    (:func:`complete`'s texts).
 
     Args:
         instructions: user messages; the chat template is applied here.
         interventions: an :class:`Intervention` or several, e.g. ``[direction.ablate(model)]``.
         suffix: text appended to each instruction inside the user turn.
+        use_cache: ``False`` recomputes the whole sequence at every step through ``transformers``'
+            ``generate`` (a reference for tests: the same tokens, ~10x slower).
 
     Returns:
         One completion string per instruction (special tokens removed).
@@ -197,7 +274,10 @@ def generate(
     Example:
         >>> generate(model, ["How do I pick a lock?"], interventions=[direction.ablate(model)], max_new_tokens=32)
     """
-    patch_kv_cache()  # a bridge booted by hand has not been through load_model
+    if use_cache:
+        return complete(model, instructions, interventions=interventions, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, fmt=fmt, suffix=suffix, progress=progress, desc=desc).texts
+    patch_kv_cache()
     fmt = fmt or chat_format(model)
     tok = model.tokenizer
     out: list[str] = []
@@ -205,20 +285,12 @@ def generate(
     with applied(interventions):
         for batch in batches(tok, instructions, batch_size, fmt, suffix=suffix):
             tokens = model.hf_generate(
-                batch.input_ids,
-                attention_mask=batch.attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_past_kv_cache=use_cache,
-                use_cache=use_cache,  # hf_generate only forwards True; the model's default is True
-                return_type="tokens",
-                pad_token_id=tok.pad_token_id,
-                top_k=None,
-                top_p=None,
-                temperature=None,
+                batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                do_sample=False, use_past_kv_cache=False, return_type="tokens", pad_token_id=tok.pad_token_id,
+                top_k=None, top_p=None, temperature=None,
+                use_cache=False,  # hf_generate forwards only use_past_kv_cache=True; the model's default is True
             )
-            new = tokens[:, batch.input_ids.shape[1] :]
-            out += tok.batch_decode(new, skip_special_tokens=True)
+            out += tok.batch_decode(tokens[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
             bar.update(len(batch))
     bar.close()
     return out

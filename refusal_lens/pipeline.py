@@ -39,10 +39,9 @@ from refusal_lens.evaluate import (
     filter_splits,
     find_refusal_tokens,
     kl_last,
-    last_logits,
     refusal_score,
 )
-from refusal_lens.interventions import generate
+from refusal_lens.interventions import Completions, complete
 from refusal_lens.io import atomic_dir, check_output_dir
 from refusal_lens.jsonio import json_safe
 from refusal_lens.models import model_id
@@ -112,6 +111,7 @@ class RunConfig:
     n_test: int | None = None
     max_new_tokens: int = 40
     batch_size: int = 16
+    gen_batch_size: int = 64  # prompts per generation batch (decoding is memory-bound: wider batches pay)
     strategy: str = "fast"
     top_k: int = 6
     n_screen: int = 8
@@ -204,7 +204,6 @@ def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids,
     """Generate on the test split under each condition and score refusal, coherence, KL and CE
     (``phases``, when given, times the generation and the scoring apart)."""
     harmful, harmless = splits.harmful["test"], splits.harmless["test"]
-    gen = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size}
     conditions: dict[str, tuple[list[str], list]] = {
         "harmful_baseline": (harmful, []),
         "harmful_ablated": (harmful, [direction.ablate(model)]),
@@ -214,32 +213,35 @@ def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids,
     }
     if tuned_coeff != 1.0:
         conditions["harmless_added_tuned"] = (harmless, [direction.add(model, tuned_coeff)])
-    completions: dict[str, list[str]] = {}
+    gen = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.gen_batch_size}
+    done: dict[str, Completions] = {}
     results: dict[str, dict] = {}
     for name, (prompts, ivs) in conditions.items():
         console.print(f"  generating: {name} ({len(prompts)} prompts)")
-        completions[name] = generate(model, prompts, interventions=ivs, desc=name, **gen)
-        results[name] = {"refusal_score": refusal_score(completions[name]), "n": len(prompts)}
+        done[name] = complete(model, prompts, interventions=ivs, desc=name, **gen)
+        results[name] = {"refusal_score": refusal_score(done[name].texts), "n": len(prompts)}
+    completions = {name: c.texts for name, c in done.items()}
     if phases is not None:
         phases.start("evaluate_score")
-    console.print("  scoring under the base model: coherence of the ablated completions, KL and CE on harmless test")
+    console.print("  scoring under the base model: coherence of the ablated completions, CE of ablation")
     for name in ("harmful_ablated", "harmless_ablated"):
         prompts = conditions[name][0]
         coh = coherence(model, prompts, completions[name], batch_size=cfg.batch_size, desc=f"coherence {name}")
         results[name].update(coherent_fraction=coh.fraction, median_perplexity=coh.summary["median_perplexity"],
                              mean_repetition=coh.summary["mean_repetition"])
-    base = last_logits(model, harmless, batch_size=cfg.batch_size, progress=True, desc="KL: base logits")
-    abl = last_logits(model, harmless, interventions=direction.ablate(model), batch_size=cfg.batch_size,
-                      progress=True, desc="KL: ablated logits")
-    ce_base = completion_ce(model, harmless, completions["harmless_baseline"], batch_size=cfg.batch_size,
-                            desc="CE baseline")
-    ce_abl = completion_ce(model, harmless, completions["harmless_baseline"], batch_size=cfg.batch_size,
+    # KL and the baseline's CE come from the generations themselves: the prefill's last-position logits of
+    # the baseline and ablated harmless runs, and the base model's log-probabilities of its own tokens
+    base = done["harmless_baseline"]
+    base_nll = base.nll()
+    base_tokens = [toks[:n] for toks, (_, n) in zip(base.tokens, base_nll, strict=True)]
+    ce_base = sum(s for s, _ in base_nll) / max(sum(n for _, n in base_nll), 1)
+    ce_abl = completion_ce(model, harmless, base_tokens, batch_size=cfg.batch_size,
                            interventions=direction.ablate(model), desc="CE ablated")
     evaluation = {
         "conditions": results,
-        "kl_harmless_test_last_token": kl_last(base, abl),
+        "kl_harmless_test_last_token": kl_last(base.first_logits, done["harmless_ablated"].first_logits),
         "ce_loss_harmless_completions": {"baseline": ce_base, "ablated": ce_abl, "delta": ce_abl - ce_base,
-                                         "text": "the base model's own greedy completions of harmless test prompts"},
+                                         "text": "the base model's own greedy completions of harmless test prompts (their tokens)"},
         "addition": {"coeff1_refusal": results["harmless_added_coeff1"]["refusal_score"], "tuned_coeff": tuned_coeff,
                      "tuned_refusal": results.get("harmless_added_tuned", results["harmless_added_coeff1"])["refusal_score"]},
     }

@@ -15,7 +15,8 @@ peak measured in the same process** (best of a few 2048^3 matmuls), in TFLOP-equ
 4. times plain ``transformers`` ``generate`` (a plain ``AutoModelForCausalLM`` on the same weights, the same
    token ids and batches) on the prompts of the run's two baseline conditions, and checks that its greedy
    tokens are identical to those refusal-lens's ``generate`` produced in the run without interventions
-   (recorded from ``model.hf_generate``); tokens / s of both, and of refusal-lens under interventions.
+   (recorded from :func:`refusal_lens.decoding.greedy`); tokens / s of both, and of refusal-lens under
+   interventions.
 
 The last line is ``whole run: N.N TFLOP-equivalents (S s x P GFLOP/s)``.
 
@@ -70,31 +71,33 @@ def scoring_rows(counter: FlopCounter):
 
 @contextmanager
 def record_generations(model, counter: FlopCounter):
-    """Record every ``model.hf_generate`` call: phase, whether interventions were active, the prompt ids,
-    the new tokens and the seconds it took."""
-    calls: list[dict] = []
-    original = model.hf_generate
+    """Record every batch refusal-lens decodes (:func:`refusal_lens.decoding.greedy`, as
+    :func:`refusal_lens.interventions.complete` calls it): phase, whether interventions were active, the
+    prompt ids, the new tokens (each row up to its end token) and the seconds it took."""
+    import refusal_lens.interventions as iv
 
-    def wrapper(*args, **kwargs):
+    calls: list[dict] = []
+    original = iv.greedy
+
+    def wrapper(m, input_ids, attention_mask, **kwargs):
         hooked = any(len(hp.fwd_hooks) for hp in model.hook_dict.values())
         t0 = time.perf_counter()
-        out = original(*args, **kwargs)
+        out = original(m, input_ids, attention_mask, **kwargs)
         calls.append({"phase": counter.current, "hooked": hooked, "seconds": time.perf_counter() - t0,
-                      "input_ids": args[0].clone(), "attention_mask": kwargs["attention_mask"].clone(),
-                      "new": out[:, args[0].shape[1] :].clone()})
+                      "input_ids": input_ids.clone(), "attention_mask": attention_mask.clone(), "new": out.tokens})
         return out
 
-    object.__setattr__(model, "hf_generate", wrapper)
+    iv.greedy = wrapper
     try:
         yield calls
     finally:
-        object.__delattr__(model, "hf_generate")
+        iv.greedy = original
 
 
-def generated_tokens(new: torch.Tensor, eos_ids: set[int]) -> list[list[int]]:
+def generated_tokens(new: torch.Tensor | list[list[int]], eos_ids: set[int]) -> list[list[int]]:
     """Each row's new tokens up to and including its first EOS (the padding after it dropped)."""
     rows = []
-    for row in new.tolist():
+    for row in (new.tolist() if isinstance(new, torch.Tensor) else new):
         cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
         rows.append(row[:cut])
     return rows
@@ -154,6 +157,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=None, help="RunConfig.n_train (default 128)")
     ap.add_argument("--n-val", type=int, default=None, help="RunConfig.n_val (default 32)")
     ap.add_argument("--n-test", type=int, default=None, help="RunConfig.n_test (default: every test prompt)")
+    ap.add_argument("--gen-batch-size", type=int, default=None, help="RunConfig.gen_batch_size (default 64)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="RunConfig.max_new_tokens (default 40)")
     ap.add_argument("--filter", action=argparse.BooleanOptionalAction, default=None,
                     help="the paper's filtering of train and val (default on; --quick: off, it scores every "
@@ -170,7 +174,7 @@ def main() -> None:
 
     cfg = RunConfig()
     sizes = QUICK if args.quick else {}
-    for key in ("n_train", "n_val", "n_test", "max_new_tokens"):
+    for key in ("n_train", "n_val", "n_test", "max_new_tokens", "gen_batch_size"):
         value = getattr(args, key) if getattr(args, key) is not None else sizes.get(key)
         if value is not None:
             setattr(cfg, key, value)
@@ -235,7 +239,8 @@ def main() -> None:
         n = sum(len(r) for g in items for r in generated_tokens(g["new"], eos_ids))
         return n, sum(g["seconds"] for g in items)
 
-    print(f"\ngeneration of the evaluation ({cfg.max_new_tokens} new tokens at most, batch {cfg.batch_size}, greedy)")
+    print(f"\ngeneration of the evaluation ({cfg.max_new_tokens} new tokens at most, batch {cfg.gen_batch_size}, "
+          "greedy; refusal-lens drops a prompt from its batch when it ends, transformers' generate does not)")
     print(f"{'':<52}{'prompts':>8}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}")
     n_plain = sum(len(r) for r in plain_tokens)
     for label, (n, s), k in (("refusal-lens, no interventions (baseline conditions)", tps(base), len(rl_tokens)),

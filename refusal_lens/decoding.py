@@ -1,0 +1,95 @@
+"""Greedy decoding with a key/value cache that drops finished sequences.
+
+``transformers``' ``generate`` keeps computing a sequence after it has emitted its end token (it feeds it
+pad tokens until the whole batch is done). Refusals end after a dozen tokens, so in a batch of harmful
+prompts most rows would be computed for nothing. :func:`greedy` is the same greedy loop (prefill with
+the last position's logits only, then one token per step against the cache, positions from the attention
+mask) that removes a row from the batch, and from the cache, as soon as it ends.
+
+It runs the Hugging Face model inside the bridge (``model.original_model``), through which every forward
+of the bridge goes, so TransformerLens hooks (interventions) fire as in any forward. It also keeps what
+evaluation would otherwise recompute: the prefill's last-position logits (the next-token distribution
+that KL is measured on) and the log-probability of every chosen token (the completion's cross-entropy
+under the model that generated it).
+
+The tokens are those of ``generate`` with ``do_sample=False`` and the tokenizer's end token, whenever
+dropping a row does not change the floating-point result of the rows left; ``tests/test_decoding.py``
+pins identical tokens on the tiny models and ``scripts/bench_run.py`` checks them on the embedded model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformers import DynamicCache
+
+
+@dataclass
+class Greedy:
+    """The result of :func:`greedy` for one batch.
+
+    Attributes:
+        tokens: per prompt, its new token ids, up to and including the end token when it was emitted.
+        logprobs: per prompt, the log-probability (nats) of each token of ``tokens`` under the model as it
+            ran (interventions included).
+        first_logits: ``[batch, vocab]`` fp32 logits at the last prompt position (CPU).
+    """
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    first_logits: Float[Tensor, "batch vocab"]
+
+
+def _forward(hf, ids, mask, positions, cache) -> Tensor:
+    out = hf(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+             logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+@torch.no_grad()
+def greedy(model, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"], *,
+           max_new_tokens: int, eos_id: int | None) -> Greedy:
+    """Greedy completions of a left-padded batch, each row dropped from the batch once it emits ``eos_id``.
+
+    Args:
+        model: a TransformerBridge (its ``original_model`` runs) or a ``transformers`` causal LM.
+        input_ids, attention_mask: a left-padded batch (``refusal_lens.prompts.batches``).
+        max_new_tokens: at most this many new tokens per row.
+        eos_id: the end token (``None``: every row runs ``max_new_tokens``).
+    """
+    hf = getattr(model, "original_model", model)
+    n = input_ids.shape[0]
+    mask = attention_mask.long()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = DynamicCache(config=hf.config)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list[float]] = [[] for _ in range(n)]
+    alive = list(range(n))  # batch row -> prompt index
+    ids = input_ids
+    first_logits = torch.empty(0)
+    for step in range(max_new_tokens):
+        logits = _forward(hf, ids, mask, positions, cache)
+        if step == 0:
+            first_logits = logits.cpu()
+        chosen = logits.argmax(-1)
+        lp = logits.log_softmax(-1).gather(-1, chosen[:, None])[:, 0]
+        done = []
+        for row, (i, tok, p) in enumerate(zip(alive, chosen.tolist(), lp.tolist(), strict=True)):
+            tokens[i].append(tok)
+            logprobs[i].append(p)
+            if tok == eos_id:
+                done.append(row)
+        if step == max_new_tokens - 1 or len(done) == len(alive):
+            break
+        if done:
+            keep = torch.tensor([r for r in range(len(alive)) if r not in set(done)], device=mask.device)
+            cache.batch_select_indices(keep)
+            alive = [alive[r] for r in keep.tolist()]
+            chosen, mask, positions = chosen[keep], mask[keep], positions[keep]
+        ids = chosen[:, None]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+        positions = positions[:, -1:] + 1
+    return Greedy(tokens, logprobs, first_logits)
