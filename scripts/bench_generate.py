@@ -14,13 +14,15 @@ every repeat, after one untimed warm-up of each):
   beside ``rl-cached-sub``, the cached run on the same subset. The uncached run gets no warm-up (the
   cached runs before it warm the same bridge and hooks).
 
-Every run produces exactly ``max_new_tokens`` tokens per prompt (``min_new_tokens = max_new_tokens``:
-passed to plain ``generate``, and set on the bridge's HF ``generation_config`` for the refusal-lens runs,
-since refusal-lens ``generate`` takes no such argument), so tokens/s compare like with like.
+Every run produces exactly ``max_new_tokens`` tokens per prompt (``min_new_tokens = max_new_tokens`` for
+plain ``generate`` and the uncached path; refusal-lens's cached greedy loop is told to ignore the end token),
+so tokens/s compare like with like, per decoded token (refusal-lens's dropping of finished prompts, which a
+real run gains from, is left out here: ``scripts/bench_run.py`` measures that).
 
-Checks (printed): refusal-lens without interventions == plain transformers greedy output (same strings);
+Checks (printed): refusal-lens without interventions == plain transformers greedy tokens, up to each
+prompt's first end token;
 cached == uncached refusal-lens output, token for token (the bridge's output tokens are recorded by
-wrapping ``model.hf_generate``); and whether ``use_cache=False`` really turns the KV cache off (the
+recorded from :func:`refusal_lens.decoding.greedy` and ``model.hf_generate``); and whether ``use_cache=False`` really turns the KV cache off (the
 tokens fed per forward are counted). The direction is ``candidate_directions`` on ``--n-train`` +
 ``--n-train`` train prompts at ``--layer`` / ``--position``.
 
@@ -63,21 +65,43 @@ def generation_config(model, **values):
 
 
 @contextmanager
-def record_tokens(model):
-    """Record the token tensors ``model.hf_generate`` returns (refusal-lens ``generate`` returns strings)."""
-    calls: list[torch.Tensor] = []
-    original = model.hf_generate
+def record_tokens(model, run_to_length: bool = True):
+    """Record each batch's new tokens (refusal-lens ``generate`` returns strings): from
+    :func:`refusal_lens.decoding.greedy` (the cached path) or ``model.hf_generate`` (the uncached one).
 
-    def wrapper(*args, **kwargs):
-        out = original(*args, **kwargs)
+    ``run_to_length``: greedy ignores the end token, so every row runs ``max_new_tokens`` steps, as
+    ``min_new_tokens`` makes ``generate`` do (the tokens after an end token then differ: ``generate`` bans
+    the end token, greedy emits it and goes on; the checks compare up to the first end token).
+    """
+    import refusal_lens.interventions as iv
+
+    calls: list[torch.Tensor] = []
+    original_greedy, original_hf = iv.greedy, model.hf_generate
+
+    def greedy(m, input_ids, attention_mask, **kwargs):
+        if run_to_length:
+            kwargs["eos_id"] = None
+        out = original_greedy(m, input_ids, attention_mask, **kwargs)
+        calls.append(torch.tensor(out.tokens))
+        return out
+
+    def hf_generate(*args, **kwargs):
+        out = original_hf(*args, **kwargs)
         calls.append(out[:, args[0].shape[1] :].clone())
         return out
 
-    object.__setattr__(model, "hf_generate", wrapper)
+    iv.greedy = greedy
+    object.__setattr__(model, "hf_generate", hf_generate)
     try:
         yield calls
     finally:
+        iv.greedy = original_greedy
         object.__delattr__(model, "hf_generate")
+
+
+def up_to_eos(rows: list[list[int]], eos: int | None) -> list[list[int]]:
+    """Each row cut after its first end token."""
+    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
 
 
 @contextmanager
@@ -236,9 +260,11 @@ def main() -> None:
     for k in jobs:
         print(f"{labels[k]:<52}{n_prompts_of[k]:>8}{sec[k]:>10.1f}{tps[k]:>10.1f}")
 
-    same_plain = results["rl-plain"][0] == results["plain"][0]
-    n_diff = sum(a != b for a, b in zip(results["rl-plain"][0], results["plain"][0], strict=True))
-    print(f"check: refusal-lens without interventions == plain greedy output: "
+    eos = tok.eos_token_id
+    rl_rows, plain_rows = up_to_eos(results["rl-plain"][1], eos), up_to_eos(results["plain"][1], eos)
+    n_diff = sum(a != b for a, b in zip(rl_rows, plain_rows, strict=True))
+    same_plain = n_diff == 0
+    print(f"check: refusal-lens without interventions == plain greedy tokens (up to the first end token): "
           f"{'yes' if same_plain else f'NO ({n_diff}/{len(prompts)} strings differ)'}")
     if "rl-uncached" in results:
         a, b = results["rl-cached-sub"][1], results["rl-uncached"][1]
@@ -247,7 +273,7 @@ def main() -> None:
               f"{'yes' if n_bad == 0 else f'NO ({n_bad}/{len(a)} prompts differ)'}")
         print(f"KV cache speedup through refusal-lens (uncached / cached time, same {len(a)} prompts): "
               f"{sec['rl-uncached'] / sec['rl-cached-sub']:.2f}x")
-    changed = sum(a != b for a, b in zip(results["rl-ablate"][0], results["plain"][0], strict=True))
+    changed = sum(a != b for a, b in zip(up_to_eos(results["rl-ablate"][1], eos), plain_rows, strict=True))
     print(f"ablation changed {changed}/{len(prompts)} completions; refusal score (substring) plain "
           f"{refusal_score(results['plain'][0]):.2f} -> ablated {refusal_score(results['rl-ablate'][0]):.2f}"
           + (" (too few tokens to judge)" if max_new < 8 else ""))
