@@ -61,6 +61,8 @@ def greedy(model, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tenso
         eos_id: the end token (``None``: every row runs ``max_new_tokens``).
     """
     hf = getattr(model, "original_model", model)
+    if hf.device.type != "meta":  # as generate does: a dispatched model's first device (meta: offloaded, leave)
+        input_ids, attention_mask = input_ids.to(hf.device), attention_mask.to(hf.device)
     n = input_ids.shape[0]
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)

@@ -63,6 +63,7 @@ from torch import Tensor
 
 from refusal_lens.directions import Direction
 from refusal_lens.errors import DirectionError, ExportError
+from refusal_lens.interventions import resid_hook_names
 
 logger = logging.getLogger(__name__)
 
@@ -609,8 +610,7 @@ class EditCheck:
 
 
 def _resid_names(model) -> list[str]:
-    return [f"blocks.{layer}.hook_resid_{where}" for layer in range(model.cfg.n_layers)
-            for where in ("pre", "mid", "post")]
+    return resid_hook_names(model.cfg.n_layers)
 
 
 @torch.no_grad()
