@@ -154,7 +154,10 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, tmp_path, capsys):
 
 
 SLOW_EXTRACT = """
-import sys, time
+import signal, sys, time
+# a shell without job control starts background jobs with SIGINT ignored, and Python then installs no
+# KeyboardInterrupt handler: restore it, as an interactive terminal would have it
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import refusal_lens.pipeline as pipeline
 real = pipeline.extract_candidates
 def slow(*args, **kwargs):  # at work for a minute: the signal always lands mid-step
