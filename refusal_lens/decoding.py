@@ -78,16 +78,14 @@ def greedy(model, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tenso
             first_logits = logits.cpu()
         chosen = logits.argmax(-1)
         lp = logits.log_softmax(-1).gather(-1, chosen[:, None])[:, 0]
-        done = []
-        for row, (i, tok, p) in enumerate(zip(alive, chosen.tolist(), lp.tolist(), strict=True)):
+        for i, tok, p in zip(alive, chosen.tolist(), lp.tolist(), strict=True):
             tokens[i].append(tok)
             logprobs[i].append(p)
-            if tok == eos_id:
-                done.append(row)
-        if step == max_new_tokens - 1 or len(done) == len(alive):
+        ended = chosen == eos_id if eos_id is not None else torch.zeros_like(chosen, dtype=torch.bool)
+        if step == max_new_tokens - 1 or bool(ended.all()):
             break
-        if done:
-            keep = torch.tensor([r for r in range(len(alive)) if r not in set(done)], device=mask.device)
+        if bool(ended.any()):
+            keep = (~ended).nonzero()[:, 0]
             cache.batch_select_indices(keep)
             alive = [alive[r] for r in keep.tolist()]
             chosen, mask, positions = chosen[keep], mask[keep], positions[keep]

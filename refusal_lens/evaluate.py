@@ -287,11 +287,14 @@ def completion_nll(model, instructions: Sequence[str], completions: Sequence[str
     return results
 
 
+def mean_ce(pairs: Sequence[tuple[float, int]]) -> float:
+    """Token-weighted mean cross-entropy (nats / token) of ``(summed NLL, tokens)`` pairs."""
+    return sum(s for s, _ in pairs) / max(sum(n for _, n in pairs), 1)
+
+
 def completion_ce(model, instructions, completions, **kwargs) -> float:
     """Token-weighted mean cross-entropy (nats / token) of ``completions`` given their prompts."""
-    pairs = completion_nll(model, instructions, completions, **kwargs)
-    tokens = sum(n for _, n in pairs)
-    return sum(s for s, _ in pairs) / max(tokens, 1)
+    return mean_ce(completion_nll(model, instructions, completions, **kwargs))
 
 
 def repetition(text: str, n: int = 3) -> float:

@@ -191,14 +191,16 @@ class Completions:
     first_logits: Float[Tensor, "n vocab"]
     eos_id: int | None
 
+    def content_tokens(self) -> list[list[int]]:
+        """Per completion, its new tokens without the end token (what :meth:`nll` scores)."""
+        return [toks[:-1] if toks and toks[-1] == self.eos_id else toks for toks in self.tokens]
+
     def nll(self) -> list[tuple[float, int]]:
-        """Per completion: (summed negative log-likelihood in nats, number of tokens), the end token left out,
-        as :func:`refusal_lens.evaluate.completion_nll` scores the text (``tests/test_decoding.py``)."""
-        out = []
-        for toks, lps in zip(self.tokens, self.logprobs, strict=True):
-            n = len(toks) - (1 if toks and toks[-1] == self.eos_id else 0)
-            out.append((-sum(lps[:n]), n))
-        return out
+        """Per completion: (summed negative log-likelihood in nats, number of tokens) of
+        :meth:`content_tokens`, as :func:`refusal_lens.evaluate.completion_nll` scores them
+        (``tests/test_decoding.py``)."""
+        return [(-sum(lps[: len(toks)]), len(toks))
+                for toks, lps in zip(self.content_tokens(), self.logprobs, strict=True)]
 
 
 @torch.no_grad()

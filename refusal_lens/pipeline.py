@@ -39,6 +39,7 @@ from refusal_lens.evaluate import (
     filter_splits,
     find_refusal_tokens,
     kl_last,
+    mean_ce,
     refusal_score,
 )
 from refusal_lens.interventions import Completions, complete
@@ -232,10 +233,8 @@ def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids,
     # KL and the baseline's CE come from the generations themselves: the prefill's last-position logits of
     # the baseline and ablated harmless runs, and the base model's log-probabilities of its own tokens
     base = done["harmless_baseline"]
-    base_nll = base.nll()
-    base_tokens = [toks[:n] for toks, (_, n) in zip(base.tokens, base_nll, strict=True)]
-    ce_base = sum(s for s, _ in base_nll) / max(sum(n for _, n in base_nll), 1)
-    ce_abl = completion_ce(model, harmless, base_tokens, batch_size=cfg.batch_size,
+    ce_base = mean_ce(base.nll())
+    ce_abl = completion_ce(model, harmless, base.content_tokens(), batch_size=cfg.batch_size,
                            interventions=direction.ablate(model), desc="CE ablated")
     evaluation = {
         "conditions": results,

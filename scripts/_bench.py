@@ -69,6 +69,15 @@ def load_bridge_and_plain(plain_attn: str = "eager"):
 # --------------------------------------------------------------------------------------------------
 
 
+def generated_tokens(new: torch.Tensor | list[list[int]], eos_ids: set[int]) -> list[list[int]]:
+    """Each row's new tokens up to and including its first end token (the padding or tokens after it dropped)."""
+    rows = []
+    for row in (new.tolist() if isinstance(new, torch.Tensor) else new):
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     """This process's fp32 matmul peak in FLOP/s: the best of ``repeats`` timed ``[n, n] @ [n, n]`` (2 n^3 FLOPs
     each, after one untimed warm-up), with torch's current thread count."""

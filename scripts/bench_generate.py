@@ -43,7 +43,7 @@ import time
 from contextlib import contextmanager
 
 import torch
-from _bench import load_bridge_and_plain, machine_info
+from _bench import generated_tokens, load_bridge_and_plain, machine_info
 
 # --------------------------------------------------------------------------------------------------
 # Instrumentation of the bridge (restored on exit)
@@ -97,11 +97,6 @@ def record_tokens(model, run_to_length: bool = True):
     finally:
         iv.greedy = original_greedy
         object.__delattr__(model, "hf_generate")
-
-
-def up_to_eos(rows: list[list[int]], eos: int | None) -> list[list[int]]:
-    """Each row cut after its first end token."""
-    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
 
 
 @contextmanager
@@ -260,8 +255,8 @@ def main() -> None:
     for k in jobs:
         print(f"{labels[k]:<52}{n_prompts_of[k]:>8}{sec[k]:>10.1f}{tps[k]:>10.1f}")
 
-    eos = tok.eos_token_id
-    rl_rows, plain_rows = up_to_eos(results["rl-plain"][1], eos), up_to_eos(results["plain"][1], eos)
+    eos = {tok.eos_token_id}
+    rl_rows, plain_rows = generated_tokens(results["rl-plain"][1], eos), generated_tokens(results["plain"][1], eos)
     n_diff = sum(a != b for a, b in zip(rl_rows, plain_rows, strict=True))
     same_plain = n_diff == 0
     print(f"check: refusal-lens without interventions == plain greedy tokens (up to the first end token): "
@@ -273,7 +268,7 @@ def main() -> None:
               f"{'yes' if n_bad == 0 else f'NO ({n_bad}/{len(a)} prompts differ)'}")
         print(f"KV cache speedup through refusal-lens (uncached / cached time, same {len(a)} prompts): "
               f"{sec['rl-uncached'] / sec['rl-cached-sub']:.2f}x")
-    changed = sum(a != b for a, b in zip(up_to_eos(results["rl-ablate"][1], eos), plain_rows, strict=True))
+    changed = sum(a != b for a, b in zip(generated_tokens(results["rl-ablate"][1], eos), plain_rows, strict=True))
     print(f"ablation changed {changed}/{len(prompts)} completions; refusal score (substring) plain "
           f"{refusal_score(results['plain'][0]):.2f} -> ablated {refusal_score(results['rl-ablate'][0]):.2f}"
           + (" (too few tokens to judge)" if max_new < 8 else ""))

@@ -39,7 +39,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from _bench import FlopCounter, ModelShape, PhaseCount, load_bridge_and_plain, machine_info, matmul_peak
+from _bench import (
+    FlopCounter,
+    ModelShape,
+    PhaseCount,
+    generated_tokens,
+    load_bridge_and_plain,
+    machine_info,
+    matmul_peak,
+)
 
 QUICK = {"n_train": 8, "n_val": 4, "n_test": 4, "max_new_tokens": 8}
 
@@ -92,15 +100,6 @@ def record_generations(model, counter: FlopCounter):
         yield calls
     finally:
         iv.greedy = original
-
-
-def generated_tokens(new: torch.Tensor | list[list[int]], eos_ids: set[int]) -> list[list[int]]:
-    """Each row's new tokens up to and including its first EOS (the padding after it dropped)."""
-    rows = []
-    for row in (new.tolist() if isinstance(new, torch.Tensor) else new):
-        cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
-        rows.append(row[:cut])
-    return rows
 
 
 @torch.no_grad()
