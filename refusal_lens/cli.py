@@ -580,6 +580,7 @@ def compare(
     mmlu_format: str = typer.Option("zero-shot-prefix", help="MMLU prompt format (see refusal_lens.mmlu.FORMATS)."),
     max_new_tokens: int = typer.Option(40, help="Tokens generated per completion."),
     batch_size: int = typer.Option(16, help="Prompts per forward pass."),
+    gen_batch_size: int = typer.Option(64, help="Prompts per generation batch (finished prompts leave it)."),
     max_layer_frac: float = typer.Option(0.8, help="Only candidates at layers < this fraction of the depth."),
     refusal_ids: str | None = typer.Option(None, help="Comma-separated refusal token ids (default: found)."),
     filter: bool = typer.Option(True, "--filter/--no-filter", help="The paper's filtering of train and val."),
@@ -593,8 +594,8 @@ def compare(
         methods=methods.split(","), subspace_rank=subspace_rank, n_train=n_train, n_val=n_val, n_test=n_test,
         n_harmbench=n_harmbench, mmlu_per_subject=mmlu_per_subject, mmlu_format=mmlu_format,
         harmbench_categories=[c.strip() for c in harmbench_categories.split(",")] if harmbench_categories is not None else None,
-        max_new_tokens=max_new_tokens, batch_size=batch_size, max_layer_frac=max_layer_frac, filter=filter,
-        refusal_ids=[int(x) for x in refusal_ids.split(",")] if refusal_ids else None)
+        max_new_tokens=max_new_tokens, batch_size=batch_size, gen_batch_size=gen_batch_size,
+        max_layer_frac=max_layer_frac, filter=filter, refusal_ids=[int(x) for x in refusal_ids.split(",")] if refusal_ids else None)
     validate_compare(cfg)  # before the model loads
     check_output_dir(out, overwrite)
     if export_all is not None:

@@ -73,6 +73,7 @@ class CompareConfig:
     mmlu_format: str = "zero-shot-prefix"
     max_new_tokens: int = 40
     batch_size: int = 16
+    gen_batch_size: int = 64  # prompts per generation batch (finished prompts leave it)
     strategy: str = "fast"
     top_k: int = 6
     max_layer_frac: float = 0.8
@@ -102,8 +103,8 @@ def validate_compare(cfg: CompareConfig) -> list[str]:
         resolve_format(cfg.mmlu_format)
     elif cfg.mmlu_per_subject < 0:
         raise MethodError(f"--mmlu-per-subject must be >= 0 (0 skips MMLU), got {cfg.mmlu_per_subject}")
-    if cfg.max_new_tokens < 1 or cfg.batch_size < 1:
-        raise MethodError("--max-new-tokens and --batch-size must be >= 1")
+    if cfg.max_new_tokens < 1 or cfg.batch_size < 1 or cfg.gen_batch_size < 1:
+        raise MethodError("--max-new-tokens, --batch-size and --gen-batch-size must be >= 1")
     return names
 
 
@@ -111,7 +112,8 @@ def _run_config(cfg: CompareConfig):
     from refusal_lens.pipeline import RunConfig
 
     return RunConfig(n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test, max_new_tokens=cfg.max_new_tokens,
-                     batch_size=cfg.batch_size, strategy=cfg.strategy, top_k=cfg.top_k, filter=cfg.filter,
+                     batch_size=cfg.batch_size, gen_batch_size=cfg.gen_batch_size, strategy=cfg.strategy, top_k=cfg.top_k,
+                     filter=cfg.filter,
                      max_layer_frac=cfg.max_layer_frac,
                      refusal_ids=cfg.refusal_ids, seed=cfg.seed, mmlu_per_subject=0)
 
@@ -131,7 +133,8 @@ def _judge(model, iv, prompts: dict[str, list[str]], refusal_ids, cfg: CompareCo
     with iv if iv is not None else nullcontext():
         for s, ps in prompts.items():
             if ps:
-                comps[s] = generate(model, ps, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, desc=s)
+                comps[s] = generate(model, ps, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
+                                    desc=s)
                 out[f"{s}_refusal"] = Rate.of(is_refusal(c) for c in comps[s]).to_dict()
         harmless, harmful = prompts["harmless_test"], prompts["harmful_test"]
         logits_hl = last_logits(model, harmless, batch_size=cfg.batch_size)
