@@ -41,27 +41,37 @@ def machine_info() -> str:
                if busy else ""))
 
 
-def load_bridge_and_plain(plain_attn: str = "eager"):
+def load_bridge_and_plain(plain_attn: str = "eager", *, device: str | None = None, dtype: str | None = None):
     """The embedded model twice: the refusal-lens bridge, and plain ``AutoModelForCausalLM`` on its own copy
-    of the cached weights (``plain_attn`` attention), with its tokenizer padding on the left.
+    of the cached weights (``plain_attn`` attention), with its tokenizer padding on the left. ``device`` and
+    ``dtype`` are :func:`refusal_lens.models.load_model`'s (default: cuda when available, else cpu; bf16 on a
+    GPU, fp32 on a CPU); both copies get the same.
 
     Returns:
         ``(bridge, hf_model, tokenizer)``; prints how long loading took.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from refusal_lens.models import embedded_model_folder, load_model
+    from refusal_lens.models import embedded_model_folder, load_model, resolve_device, resolve_dtype
 
-    folder = embedded_model_folder()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    folder = embedded_model_folder(dtype=dt)
     t0 = time.perf_counter()
-    model = load_model()
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=plain_attn).eval()
+    model = load_model(device=dev, dtype=dt)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, attn_implementation=plain_attn).to(dev).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    print(f"loaded the bridge and the plain model in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"loaded the bridge and the plain model ({dev}, {dt}) in {time.perf_counter() - t0:.1f} s", flush=True)
     return model, hf, tok
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that a wall-clock reading covers it (a no-op on a CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,15 +88,21 @@ def generated_tokens(new: torch.Tensor | list[list[int]], eos_ids: set[int]) -> 
     return rows
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """This process's fp32 matmul peak in FLOP/s: the best of ``repeats`` timed ``[n, n] @ [n, n]`` (2 n^3 FLOPs
-    each, after one untimed warm-up), with torch's current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int | None = None, repeats: int = 5, *, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> float:
+    """This process's matmul peak in FLOP/s for ``dtype`` on ``device``: the best of ``repeats`` timed
+    ``[n, n] @ [n, n]`` (2 n^3 FLOPs each, after one untimed warm-up), with torch's current thread count.
+    ``n`` defaults to 2048 on a CPU and 8192 on a GPU (a 2048^3 product cannot fill a GPU)."""
+    device = torch.device(device)
+    n = n or (2048 if device.type == "cpu" else 8192)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
+    sync()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
@@ -200,6 +216,7 @@ class FlopCounter:
         return self.counts.setdefault(name or self.current, PhaseCount())
 
     def _close_phase(self) -> None:
+        sync()
         now = time.perf_counter()
         self.count().seconds += now - self._phase_start
         self._phase_start = now

@@ -1,7 +1,8 @@
 """One default ``refusal-lens run``, measured: cost per phase against this machine's matmul peak.
 
-Seconds mean little across machines, so the figure of merit is **cost = wall seconds x the fp32 matmul
-peak measured in the same process** (best of a few 2048^3 matmuls), in TFLOP-equivalents. The script
+Seconds mean little across machines, so the figure of merit is **cost = wall seconds x the matmul peak
+measured in the same process** for the model's dtype on its device (best of a few 2048^3 fp32 matmuls on a
+CPU, 8192^3 bf16 on a GPU; ``--device`` / ``--dtype`` as ``load_model``'s), in TFLOP-equivalents. The script
 
 1. measures the peak (before and after the run; the higher is used: a loaded machine only lowers it),
 2. runs :func:`refusal_lens.pipeline.run_pipeline` with :class:`~refusal_lens.pipeline.RunConfig` defaults
@@ -47,6 +48,7 @@ from _bench import (
     load_bridge_and_plain,
     machine_info,
     matmul_peak,
+    sync,
 )
 
 QUICK = {"n_train": 8, "n_val": 4, "n_test": 4, "max_new_tokens": 8}
@@ -89,8 +91,10 @@ def record_generations(model, counter: FlopCounter):
 
     def wrapper(m, input_ids, attention_mask, **kwargs):
         hooked = any(len(hp.fwd_hooks) for hp in model.hook_dict.values())
+        sync()
         t0 = time.perf_counter()
         out = original(m, input_ids, attention_mask, **kwargs)
+        sync()
         calls.append({"phase": counter.current, "hooked": hooked, "seconds": time.perf_counter() - t0,
                       "input_ids": input_ids.clone(), "attention_mask": attention_mask.clone(), "new": out.tokens})
         return out
@@ -163,7 +167,9 @@ def main() -> None:
                          "train and val prompt whatever --n-train)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", type=Path, default=None, help="keep the run folder here (default: a temporary one)")
-    ap.add_argument("--peak-repeats", type=int, default=5, help="timed 2048^3 matmuls per peak measurement")
+    ap.add_argument("--peak-repeats", type=int, default=5, help="timed matmuls per peak measurement")
+    ap.add_argument("--device", default=None, help="load_model's device (default: cuda when available, else cpu)")
+    ap.add_argument("--dtype", default=None, help="load_model's dtype (default: bfloat16 on a GPU, float32 on a CPU)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,10 +185,17 @@ def main() -> None:
             setattr(cfg, key, value)
     cfg.filter = args.filter if args.filter is not None else not args.quick
 
+    from refusal_lens.models import dtype_name, resolve_device, resolve_dtype
+
     print(machine_info(), flush=True)
-    peak0 = matmul_peak(repeats=args.peak_repeats)
-    print(f"fp32 matmul peak (2048^3, best of {args.peak_repeats}): {peak0 / 1e9:.0f} GFLOP/s", flush=True)
-    model, hf, tok = load_bridge_and_plain()
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if device.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(device)}", flush=True)
+    kind = f"{dtype_name(dtype)} matmul peak on {device.type}"
+    peak0 = matmul_peak(repeats=args.peak_repeats, device=device, dtype=dtype)
+    print(f"{kind} (best of {args.peak_repeats}): {peak0 / 1e9:.0f} GFLOP/s", flush=True)
+    model, hf, tok = load_bridge_and_plain(device=str(device), dtype=dtype_name(dtype))
     shape = ModelShape.of(model.original_model)
     print(f"model: {shape.n_layers} layers x {shape.layer_params / 1e6:.1f} M matrix parameters, attention width "
           f"{shape.attn_width}, unembedding {shape.d_model} x {shape.d_vocab:,} ({shape.d_model * shape.d_vocab / 1e6:.0f} M)")
@@ -198,9 +211,9 @@ def main() -> None:
             counter.phase("after")
         evaluation = json.loads((out / "evaluation.json").read_text())
         rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
-    peak1 = matmul_peak(repeats=args.peak_repeats)
+    peak1 = matmul_peak(repeats=args.peak_repeats, device=device, dtype=dtype)
     peak = max(peak0, peak1)
-    print(f"\nfp32 matmul peak after the run: {peak1 / 1e9:.0f} GFLOP/s; used: {peak / 1e9:.0f} GFLOP/s")
+    print(f"\n{kind} after the run: {peak1 / 1e9:.0f} GFLOP/s; used: {peak / 1e9:.0f} GFLOP/s")
 
     # ---- per phase
     print(f"\nper phase (cost = seconds x {peak / 1e9:.0f} GFLOP/s; useful = real tokens x 2 x layer parameters + "
@@ -223,9 +236,11 @@ def main() -> None:
     plain_counter = FlopCounter(hf, tok.pad_token_id)
     with plain_counter:
         plain_counter.phase("plain generate")
+        sync()
         t0 = time.perf_counter()
         plain = plain_generate(hf, [(g["input_ids"], g["attention_mask"]) for g in base],
                                cfg.max_new_tokens, tok.pad_token_id)
+        sync()
         plain_s = time.perf_counter() - t0
     rl_tokens = [r for g in base for r in generated_tokens(g["new"], eos_ids)]
     plain_tokens = [r for t in plain for r in generated_tokens(t, eos_ids)]

@@ -50,6 +50,11 @@ for name in names:
         "harmful_ablated": c["harmful_ablated"]["refusal_score"],
         "harmful_ablated_coherent": c["harmful_ablated"]["coherent_fraction"],
         "harmless_baseline": c["harmless_baseline"]["refusal_score"],
+        "kl_harmless": res.evaluation["kl_harmless_test_last_token"],
+        "ce_harmless": res.evaluation["ce_loss_harmless_completions"],
+        "addition": res.evaluation["addition"],
+        "export": {k: v for k, v in json.loads((d / "export" / "export_report.json").read_text()).items()
+                   if k in ("max_logit_diff", "hook_ablation_diff", "tolerance", "seconds", "method")},
         "timings": res.timings,
     }
     rows.append(row)

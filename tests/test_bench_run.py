@@ -113,7 +113,7 @@ def test_bench_run_main_on_a_tiny_model(monkeypatch, capsys):
 
     bridge = boot_rl_tiny("llama")
     plain = make_hf_model("llama", seed=0).eval()  # the same weights, not booted
-    monkeypatch.setattr(bench_run, "load_bridge_and_plain", lambda: (bridge, plain, bridge.tokenizer))
+    monkeypatch.setattr(bench_run, "load_bridge_and_plain", lambda **kw: (bridge, plain, bridge.tokenizer))
     monkeypatch.setattr("refusal_lens.pipeline.find_refusal_tokens",
                         lambda *a, **k: RefusalTokens([1], ["<|eos|>"], 1.0, 1))  # a random model refuses nothing
     from functools import partial

@@ -23,25 +23,47 @@ HARMLESS = ["tell me a story", "what is the cat doing", "write a poem about the 
 # layer 0 and the final norm on disk, layer 1 in CPU RAM as an accelerate "cpu" offload entry
 OFFLOAD_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk",
                "model.layers.1": "cpu", "model.norm": "disk", "lm_head": "cpu"}
+# with a GPU as the main device: embedding, final norm and unembedding on GPU 0, layer 0 on disk, layer 1
+# offloaded to CPU RAM (accelerate streams both onto the GPU for each forward)
+GPU_MAP = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": "disk", "model.layers.1": "cpu",
+           "model.norm": 0, "lm_head": 0}
+# what is compared with the whole model on the CPU (all float32, so numbers must agree)
+PLACEMENTS = {"cpu+disk map": {"device_map": OFFLOAD_MAP}, "cuda": {"device": "cuda"},
+              "cuda+cpu+disk map": {"device_map": GPU_MAP}}
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """(whole, dispatched) loads of one tiny Llama folder."""
+@pytest.fixture(scope="module", params=list(PLACEMENTS))
+def pair(request, tmp_path_factory):
+    """(whole on the CPU, the same tiny Llama folder loaded with another placement); the CUDA placements
+    run only where a GPU is present."""
+    if "cuda" in request.param and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     root = tmp_path_factory.mktemp("devices")
     folder = save_tiny("llama", root / "llama")
     whole = models.load_model(folder, device="cpu")
-    dispatched = models.load_model(folder, device_map=OFFLOAD_MAP, offload_folder=root / "offload")
-    return whole, dispatched
+    kwargs = dict(PLACEMENTS[request.param])
+    if "device_map" in kwargs:
+        kwargs["offload_folder"] = root / "offload"
+    other = models.load_model(folder, dtype="float32", **kwargs)
+    return whole, other
+
+
+def _tol(model, atol: float) -> float:
+    """``atol`` on a CPU; 10x where a GPU computes (its kernels sum in another order)."""
+    return atol * 10 if any(p.device.type == "cuda" for p in model.original_model.parameters()) else atol
 
 
 def test_dispatched_model_really_offloads(pair):
-    _, disp = pair
+    whole, disp = pair
+    if not models.is_dispatched(disp):
+        assert next(disp.original_model.parameters()).device.type == "cuda"
+        return
     hf = disp.original_model
-    assert {str(v) for v in hf.hf_device_map.values()} == {"cpu", "disk"}
+    assert {"cpu", "disk"} <= {str(v) for v in hf.hf_device_map.values()}
     q = hf.model.layers[0].self_attn.q_proj.weight  # on disk: a meta placeholder outside a forward
     assert q.device.type == "meta"
-    assert models.is_dispatched(disp) and not models.is_dispatched(pair[0])
+    assert not models.is_dispatched(whole)
 
 
 def test_forward_extraction_and_interventions_match(pair):
@@ -49,12 +71,12 @@ def test_forward_extraction_and_interventions_match(pair):
     cw = candidate_directions(whole, HARMFUL, HARMLESS, batch_size=4, progress=False)
     cd = candidate_directions(disp, HARMFUL, HARMLESS, batch_size=4, progress=False)
     assert cd.diffs.dtype == torch.float32
-    torch.testing.assert_close(cd.diffs, cw.diffs, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cd.diffs.cpu(), cw.diffs, rtol=0, atol=_tol(disp, 1e-6))
     d = cw.direction(1, -1)
     for make in (lambda m: [], lambda m: [d.ablate(m)], lambda m: [d.add(m, coeff=2.0)]):
         a = last_logits(whole, HARMLESS[:3], interventions=make(whole))
         b = last_logits(disp, HARMLESS[:3], interventions=make(disp))
-        assert (a - b).abs().max().item() < 1e-5
+        assert (a.cpu() - b.cpu()).abs().max().item() < _tol(disp, 1e-5)
     base = last_logits(whole, HARMLESS[:3])
     assert (last_logits(whole, HARMLESS[:3], interventions=[d.add(whole, coeff=2.0)]) - base).abs().max() > 1e-2
 
@@ -73,12 +95,12 @@ def test_attribution_matches(pair):
     d = candidate_directions(whole, HARMFUL, HARMLESS, batch_size=4, progress=False).direction(1, -1)
     aw = direction_attribution(whole, HARMFUL[:4], d)
     ad = direction_attribution(disp, HARMFUL[:4], d)
-    torch.testing.assert_close(ad.heads, aw.heads, rtol=0, atol=1e-5)
-    torch.testing.assert_close(ad.total, aw.total, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ad.heads.cpu(), aw.heads, rtol=0, atol=_tol(disp, 1e-5))
+    torch.testing.assert_close(ad.total.cpu(), aw.total, rtol=0, atol=_tol(disp, 1e-5))
     lw = logit_attribution(whole, HARMFUL[:4], [5, 9], [11])
     ld = logit_attribution(disp, HARMFUL[:4], [5, 9], [11])
-    torch.testing.assert_close(ld.heads, lw.heads, rtol=0, atol=1e-5)
-    torch.testing.assert_close(ld.mlps, lw.mlps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ld.heads.cpu(), lw.heads, rtol=0, atol=_tol(disp, 1e-5))
+    torch.testing.assert_close(ld.mlps.cpu(), lw.mlps, rtol=0, atol=_tol(disp, 1e-5))
 
 
 def test_selection_matches(pair):
@@ -89,8 +111,50 @@ def test_selection_matches(pair):
     dd, sd = select_direction(disp, cands, HARMFUL, HARMLESS, [5, 9], **kw)
     assert (dd.layer, dd.position) == (dw.layer, dw.position)
     for a, b in zip(sw.scores, sd.scores, strict=True):
-        assert a.bypass == pytest.approx(b.bypass, abs=1e-4)
-        assert a.kl == pytest.approx(b.kl, abs=1e-5)
+        assert a.bypass == pytest.approx(b.bypass, abs=_tol(disp, 1e-4))
+        assert a.kl == pytest.approx(b.kl, abs=_tol(disp, 1e-5))
+
+
+def test_export_matches(pair, tmp_path):
+    """The orthogonalized export of each placement (a GPU one too) holds the CPU export's weights."""
+    from safetensors.torch import load_file
+
+    from refusal_lens.export import export
+
+    whole, other = pair
+    d = candidate_directions(whole, HARMFUL, HARMLESS, batch_size=4, progress=False).direction(1, -1)
+    prompts = ["Why?", "Tell me a story."]
+    ro = export(other, d, tmp_path / "other", verify_prompts=prompts)
+    export(whole, d, tmp_path / "whole", verify_prompts=prompts)
+    assert ro.max_logit_diff <= _tol(other, 1e-4) and ro.max_resid_along_r <= 1e-5
+    a, b = load_file(tmp_path / "other" / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= _tol(other, 1e-7)
+
+
+@needs_cuda
+def test_gpu_defaults_are_cuda_bf16(tmp_path):
+    m = models.load_model(save_tiny("llama", tmp_path / "llama"))
+    p = next(m.original_model.parameters())
+    assert (p.device.type, p.dtype) == ("cuda", torch.bfloat16)
+
+
+@needs_cuda
+def test_pipeline_on_gpu_in_bf16(tmp_path):
+    """A whole run (extract, select, evaluate, export verified by reload) in bf16 on the GPU."""
+    import json
+
+    from refusal_lens.pipeline import RunConfig, run_pipeline
+
+    m = models.load_model(save_tiny("llama", tmp_path / "llama"), device="cuda", dtype="bfloat16")
+    cfg = RunConfig(n_train=4, n_val=2, n_test=2, max_new_tokens=4, batch_size=4, refusal_ids=[1],
+                    max_layer_frac=1.0, filter=False, mmlu_per_subject=0)
+    res = run_pipeline(m, tmp_path / "run", cfg, export_dir=tmp_path / "export")
+    ev = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    assert set(ev["conditions"]) >= {"harmful_baseline", "harmful_ablated", "harmless_baseline"}
+    assert res.direction.vector.dtype == torch.float32
+    report = json.loads((tmp_path / "export" / "export_report.json").read_text())
+    assert report["max_logit_diff"] is not None and report["max_logit_diff"] <= report["tolerance"]
 
 
 # --------------------------------------------------------------------------------------------------
