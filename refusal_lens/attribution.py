@@ -75,14 +75,14 @@ def _is_gemma_norm(norm) -> bool:
 def norm_gain(norm) -> Float[Tensor, " d_model"]:
     """The elementwise gain a TransformerLens norm bridge multiplies the normalised input by."""
     with resident(norm):
-        w = norm.weight.detach().to(torch.float32, copy=True)
+        w = norm.weight.detach().to("cpu", torch.float32, copy=True)
     return w + 1.0 if _is_gemma_norm(norm) else w
 
 
 def norm_bias(norm) -> Tensor | None:
     with resident(norm):
         b = getattr(norm, "bias", None)
-        return None if b is None else b.detach().to(torch.float32, copy=True)
+        return None if b is None else b.detach().to("cpu", torch.float32, copy=True)
 
 
 def is_layernorm(norm) -> bool:
@@ -102,7 +102,7 @@ def attn_bias(model, layer: int) -> Tensor | None:
     """The attention output bias ``b_O`` of a block (``None`` for Llama/Qwen2/Gemma2)."""
     with resident(model.blocks[layer].attn):
         b = getattr(model.blocks[layer].attn, "b_O", None)
-        return None if b is None else b.detach().to(torch.float32, copy=True)
+        return None if b is None else b.detach().to("cpu", torch.float32, copy=True)
 
 
 def has_pos_embed(model) -> bool:
@@ -154,7 +154,7 @@ def cache_at(
     missing = [n for n in names if n not in cache]
     if missing:
         raise AttributionError(f"Hooks {missing} did not fire; the model lacks them or the run stopped early.")
-    return {n: cache[n].to(torch.float32) for n in names}
+    return {n: cache[n].to("cpu", torch.float32) for n in names}  # attribution math runs on the CPU
 
 
 def resid_hook_name(n_layers: int, layer: int) -> str:
@@ -201,7 +201,7 @@ def project_components(
     for l in range(layer):
         z = acts[get_act_name("z", l)]  # [b, p, head, d_head]
         with resident(model.blocks[l].attn):
-            W_O = model.blocks[l].attn.W_O.detach().to(torch.float32, copy=True)  # [head, d_head, d_model]
+            W_O = model.blocks[l].attn.W_O.detach().to("cpu", torch.float32, copy=True)  # [head, d_head, d_model]
         per_head = torch.einsum("bphd,hdm->bphm", z, W_O)
         bias = attn_bias(model, l)
         bias_out = torch.zeros_like(per_head[:, :, 0]) if bias is None else bias.expand_as(per_head[:, :, 0])
@@ -580,10 +580,11 @@ def logit_attribution(
         if not 0 <= i < d_vocab:
             raise AttributionError(f"Token id {i} is outside the model's vocabulary of {d_vocab}.")
     with resident(model.unembed):
-        W_U = model.W_U.detach().to(torch.float32)  # [d_model, vocab]
-        u = W_U[:, ids_a].mean(1) - (W_U[:, ids_b].mean(1) if ids_b else 0.0)
+        W_U = model.W_U.detach()  # [d_model, vocab]
+        u = (W_U[:, ids_a].to("cpu", torch.float32).mean(1)
+             - (W_U[:, ids_b].to("cpu", torch.float32).mean(1) if ids_b else 0.0))
         b_U = getattr(model, "b_U", None)
-        b_U = None if b_U is None else b_U.detach().to(torch.float32, copy=True)
+        b_U = None if b_U is None else b_U.detach().to("cpu", torch.float32, copy=True)
     bias_term = 0.0 if b_U is None else float(b_U[ids_a].mean() - (b_U[ids_b].mean() if ids_b else 0.0))
     ln = model.ln_final
     gain, beta, centre = norm_gain(ln), norm_bias(ln), is_layernorm(ln)

@@ -277,7 +277,7 @@ def completion_nll(model, instructions: Sequence[str], completions: Sequence[str
             mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
             logits = model(ids, attention_mask=mask).float()
             logp = logits[:, :-1].log_softmax(-1)
-            targets = ids[:, 1:]
+            targets = ids[:, 1:].to(logp.device)
             nll = -logp.gather(-1, targets.unsqueeze(-1))[..., 0]
             for row, c in enumerate(c_ids):
                 n = len(c)

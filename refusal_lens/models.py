@@ -711,6 +711,7 @@ def boot_bridge(hf_model, tokenizer, model_id: str, *, device: str | torch.devic
     bridge.tokenizer.padding_side = "left"
     bridge.eval()
     bridge.register_forward_pre_hook(_inputs_to_model_device, with_kwargs=True)
+    _move_run_with_cache_inputs(bridge)
     object.__setattr__(bridge, "refusal_lens_id", model_id)
     return bridge
 
@@ -727,6 +728,19 @@ def _inputs_to_model_device(bridge, args, kwargs):
         return x.to(device) if isinstance(x, torch.Tensor) and x.device != device else x
 
     return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+
+
+def _move_run_with_cache_inputs(bridge) -> None:
+    """``run_with_cache`` runs the forward without ``__call__``, so the pre-hook above does not fire: give it
+    the same input move (token ids built on the CPU, a model on a GPU)."""
+    original = bridge.run_with_cache
+
+    @functools.wraps(original)
+    def run_with_cache(*args, **kwargs):
+        args, kwargs = _inputs_to_model_device(bridge, args, kwargs)
+        return original(*args, **kwargs)
+
+    object.__setattr__(bridge, "run_with_cache", run_with_cache)
 
 
 def load_model(

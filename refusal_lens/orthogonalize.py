@@ -580,8 +580,8 @@ def _batch(model, prompts):
 
 def max_logit_diff(a: Tensor, b: Tensor, attention_mask: Tensor) -> float:
     """Max ``|a - b|`` over real (non-padding) positions of ``[batch, seq, vocab]`` logits."""
-    keep = attention_mask.bool()
-    return float((a[keep] - b[keep]).abs().max())
+    keep = attention_mask.bool().to(a.device)
+    return float((a[keep] - b.to(a.device)[keep]).abs().max())
 
 
 def is_exact(model) -> bool:
@@ -619,10 +619,9 @@ def max_component_along(model, batch, r: Float[Tensor, " d_model"]) -> float:
     names = set(_resid_names(model))
     _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
                                     names_filter=lambda name: name in names)
-    keep = batch.attention_mask.bool()
     worst = 0.0
     for name in names:
-        x = cache[name][keep].float()
+        x = cache[name][batch.attention_mask.bool().to(cache[name].device)].float()
         rel = (x @ r.to(x.device)).abs() / x.norm(dim=-1).clamp_min(1e-30)
         worst = max(worst, float(rel.max()))
     return worst
@@ -630,8 +629,8 @@ def max_component_along(model, batch, r: Float[Tensor, " d_model"]) -> float:
 
 def mean_kl(base: Tensor, other: Tensor, attention_mask: Tensor) -> float:
     """Mean over real positions of ``KL(base || other)`` of ``[batch, seq, vocab]`` logits, in nats."""
-    keep = attention_mask.bool()
-    lp, lq = base[keep].double().log_softmax(-1), other[keep].double().log_softmax(-1)
+    keep = attention_mask.bool().to(base.device)
+    lp, lq = base[keep].double().log_softmax(-1), other.to(base.device)[keep].double().log_softmax(-1)
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 

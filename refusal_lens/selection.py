@@ -224,11 +224,11 @@ def _accumulate_screen(model, b, names, keep, acts, refusal_ids, n, M) -> float:
         logits = last_position_logits(model, b.input_ids, b.attention_mask)
         metric = refusal_metric_from_logits(logits, refusal_ids)
         metric.sum().div(n).backward()
-    mask = b.attention_mask.bool()
     for act in acts:
         if act.grad is not None:
+            mask = b.attention_mask.bool().to(act.device)
             g, w = act.grad[mask].double(), act.detach()[mask].double()  # [tokens, d_model]
-            M += g.T @ w
+            M += (g.T @ w).to(M.device)
     return float(metric.detach().sum())
 
 
