@@ -23,13 +23,12 @@ HARMLESS = ["tell me a story", "what is the cat doing", "write a poem about the 
 # layer 0 and the final norm on disk, layer 1 in CPU RAM as an accelerate "cpu" offload entry
 OFFLOAD_MAP = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk",
                "model.layers.1": "cpu", "model.norm": "disk", "lm_head": "cpu"}
-# with a GPU as the main device: embedding, final norm and unembedding on GPU 0, layer 0 on disk, layer 1
-# offloaded to CPU RAM (accelerate streams both onto the GPU for each forward)
-GPU_MAP = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": "disk", "model.layers.1": "cpu",
-           "model.norm": 0, "lm_head": 0}
+# a GPU as the main device with layers offloaded to CPU RAM and disk: TransformerLens 4.3's bridge refuses
+# to boot it, so load_model refuses it up front (checked on an H200)
+GPU_OFFLOAD_MAP = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": "disk",
+                   "model.layers.1": "cpu", "model.norm": 0, "lm_head": 0}
 # what is compared with the whole model on the CPU (all float32, so numbers must agree)
-PLACEMENTS = {"cpu+disk map": {"device_map": OFFLOAD_MAP}, "cuda": {"device": "cuda"},
-              "cuda+cpu+disk map": {"device_map": GPU_MAP}}
+PLACEMENTS = {"cpu+disk map": {"device_map": OFFLOAD_MAP}, "cuda": {"device": "cuda"}}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
 
 
@@ -60,7 +59,7 @@ def test_dispatched_model_really_offloads(pair):
         assert next(disp.original_model.parameters()).device.type == "cuda"
         return
     hf = disp.original_model
-    assert {"cpu", "disk"} <= {str(v) for v in hf.hf_device_map.values()}
+    assert {str(v) for v in hf.hf_device_map.values()} == {"cpu", "disk"}
     q = hf.model.layers[0].self_attn.q_proj.weight  # on disk: a meta placeholder outside a forward
     assert q.device.type == "meta"
     assert not models.is_dispatched(whole)
@@ -133,6 +132,13 @@ def test_export_matches(pair, tmp_path):
 
 
 @needs_cuda
+def test_gpu_map_with_cpu_or_disk_offload_is_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match="mixes GPUs with 'cpu'/'disk' offload"):
+        models.load_model(save_tiny("llama", tmp_path / "llama"), device_map=GPU_OFFLOAD_MAP,
+                          offload_folder=tmp_path / "offload")
+
+
+@needs_cuda
 def test_gpu_defaults_are_cuda_bf16(tmp_path):
     m = models.load_model(save_tiny("llama", tmp_path / "llama"))
     p = next(m.original_model.parameters())
@@ -154,7 +160,9 @@ def test_pipeline_on_gpu_in_bf16(tmp_path):
     assert set(ev["conditions"]) >= {"harmful_baseline", "harmful_ablated", "harmless_baseline"}
     assert res.direction.vector.dtype == torch.float32
     report = json.loads((tmp_path / "export" / "export_report.json").read_text())
-    assert report["max_logit_diff"] is not None and report["max_logit_diff"] <= report["tolerance"]
+    # bf16: max |logit diff| is rounding noise and unchecked (export.TOLERANCES); KL and the residual are
+    assert report["tolerance"] is None and report["max_logit_diff"] is not None
+    assert report["kl_vs_hook_ablation"] <= 0.05 and report["max_resid_along_r"] <= 1e-2
 
 
 # --------------------------------------------------------------------------------------------------
@@ -164,8 +172,8 @@ def test_pipeline_on_gpu_in_bf16(tmp_path):
 
 def test_bf16_model_fp32_directions_and_hooks(tmp_path):
     folder = save_tiny("llama", tmp_path / "llama")
-    m16 = models.load_model(folder, dtype="bfloat16")
-    m32 = models.load_model(folder)
+    m16 = models.load_model(folder, device="cpu", dtype="bfloat16")
+    m32 = models.load_model(folder, device="cpu")
     assert m16.original_model.dtype == torch.bfloat16 and m32.original_model.dtype == torch.float32
     assert all(p.dtype == torch.bfloat16 for p in m16.original_model.parameters())
     c16 = candidate_directions(m16, HARMFUL, HARMLESS, batch_size=4, progress=False)
