@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from transformer_lens.utilities import get_act_name
 
 from refusal_lens.errors import DataError
+from refusal_lens.prefix import PrefixMemo, SharedPrefix
 from refusal_lens.prompts import ChatFormat, batches, chat_format
 
 
@@ -76,11 +77,21 @@ def mean_activations(
     last = max(layers)
     n = 0
     bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
-    with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks):
+    memo = PrefixMemo()
+    with torch.no_grad():
         for batch in batches(model.tokenizer, instructions, batch_size, fmt, suffix=suffix):
-            # TransformerLens stops at block ``last``'s input (its resid_pre hook fires first): later blocks
-            # and the unembedding never run
-            model(batch.input_ids, attention_mask=batch.attention_mask, stop_at_layer=last)
+            sp = SharedPrefix.of(model, batch.input_ids, batch.attention_mask, keep=max(-min(positions), 1),
+                                 memo=memo)
+            if sp is not None:
+                # the shared start runs once, before the capturing hooks are attached
+                cache = sp.cache()
+                with model.hooks(fwd_hooks=fwd_hooks):
+                    sp.forward(cache, logits_to_keep=1)
+            else:
+                # TransformerLens stops at block ``last``'s input (its resid_pre hook fires first): later
+                # blocks and the unembedding never run
+                with model.hooks(fwd_hooks=fwd_hooks):
+                    model(batch.input_ids, attention_mask=batch.attention_mask, stop_at_layer=last)
             n += len(batch)
             bar.update(len(batch))
     bar.close()

@@ -4,7 +4,8 @@
 pad tokens until the whole batch is done). Refusals end after a dozen tokens, so in a batch of harmful
 prompts most rows would be computed for nothing. :func:`greedy` is the same greedy loop (prefill with
 the last position's logits only, then one token per step against the cache, positions from the attention
-mask) that removes a row from the batch, and from the cache, as soon as it ends.
+mask) that removes a row from the batch, and from the cache, as soon as it ends. The prefill runs the
+tokens every prompt starts with once (:class:`refusal_lens.prefix.SharedPrefix`).
 
 It runs the Hugging Face model inside the bridge (``model.original_model``), through which every forward
 of the bridge goes, so TransformerLens hooks (interventions) fire as in any forward. It also keeps what
@@ -25,6 +26,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import DynamicCache
+
+from refusal_lens.prefix import PrefixMemo, SharedPrefix
 
 
 @dataclass
@@ -51,7 +54,7 @@ def _forward(hf, ids, mask, positions, cache) -> Tensor:
 
 @torch.no_grad()
 def greedy(model, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"], *,
-           max_new_tokens: int, eos_id: int | None) -> Greedy:
+           max_new_tokens: int, eos_id: int | None, prefix_memo: PrefixMemo | None = None) -> Greedy:
     """Greedy completions of a left-padded batch, each row dropped from the batch once it emits ``eos_id``.
 
     Args:
@@ -59,18 +62,21 @@ def greedy(model, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tenso
         input_ids, attention_mask: a left-padded batch (``refusal_lens.prompts.batches``).
         max_new_tokens: at most this many new tokens per row.
         eos_id: the end token (``None``: every row runs ``max_new_tokens``).
+        prefix_memo: the calling loop's :class:`~refusal_lens.prefix.PrefixMemo` (its batches share the prefix).
     """
     hf = getattr(model, "original_model", model)
     if hf.device.type != "meta":  # as generate does: a dispatched model's first device (meta: offloaded, leave)
         input_ids, attention_mask = input_ids.to(hf.device), attention_mask.to(hf.device)
     n = input_ids.shape[0]
-    mask = attention_mask.long()
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    cache = DynamicCache(config=hf.config)
+    sp = SharedPrefix.of(model, input_ids, attention_mask, memo=prefix_memo)
+    if sp is not None:  # prefill: the tokens every prompt starts with run once (see refusal_lens.prefix)
+        cache, ids, mask, positions = sp.cache(), sp.rest_ids, sp.attention_mask, sp.positions
+    else:
+        mask = attention_mask.long()
+        cache, ids, positions = DynamicCache(config=hf.config), input_ids, (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     tokens: list[list[int]] = [[] for _ in range(n)]
     logprobs: list[list[float]] = [[] for _ in range(n)]
     alive = list(range(n))  # batch row -> prompt index
-    ids = input_ids
     first_logits = torch.empty(0)
     for step in range(max_new_tokens):
         logits = _forward(hf, ids, mask, positions, cache)

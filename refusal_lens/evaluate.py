@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from refusal_lens.data import MIN_PER_SPLIT, Splits
 from refusal_lens.errors import DataError
 from refusal_lens.interventions import Intervention, applied
+from refusal_lens.prefix import PrefixMemo, SharedPrefix
 from refusal_lens.prompts import ChatFormat, batches, chat_format
 
 REFUSAL_SUBSTRINGS = (
@@ -56,13 +57,20 @@ def refusal_score(completions: Sequence[str]) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def last_position_logits(model, input_ids, attention_mask) -> Float[Tensor, "batch vocab"]:
-    """Logits at the last position of a left-padded batch (differentiable; no ``no_grad`` here).
+def last_position_logits(model, input_ids, attention_mask, *, shared_prefix: bool = True,
+                         memo: PrefixMemo | None = None) -> Float[Tensor, "batch vocab"]:
+    """Logits at the last position of a left-padded batch.
 
     ``logits_to_keep=1`` (passed through the bridge to the Hugging Face model) unembeds the last position
     only: a quarter of a small model's FLOPs sit in the unembedding. Logit soft-capping (Gemma 2) is
-    applied by the model as usual; the result is bitwise the full forward's last row on the embedded model.
+    applied by the model as usual. The tokens every row starts with run once
+    (:class:`~refusal_lens.prefix.SharedPrefix`); ``shared_prefix=False`` runs whole rows, which a backward
+    pass through every position needs (the prefix runs without gradients). ``memo``: the calling loop's, so
+    that its batches run the prefix once.
     """
+    sp = SharedPrefix.of(model, input_ids, attention_mask, memo=memo) if shared_prefix else None
+    if sp is not None:
+        return sp.logits(1)[:, -1]
     return model(input_ids, attention_mask=attention_mask, logits_to_keep=1)[:, -1]
 
 
@@ -77,9 +85,10 @@ def last_logits(model, instructions: Sequence[str], *, interventions: Interventi
     fmt = fmt or chat_format(model)
     out = []
     bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
+    memo = PrefixMemo()
     with applied(interventions):
         for b in batches(model.tokenizer, instructions, batch_size, fmt, suffix=suffix):
-            out.append(last_position_logits(model, b.input_ids, b.attention_mask).float().cpu())
+            out.append(last_position_logits(model, b.input_ids, b.attention_mask, memo=memo).float().cpu())
             bar.update(len(b))
     bar.close()
     return torch.cat(out)
@@ -263,6 +272,7 @@ def completion_nll(model, instructions: Sequence[str], completions: Sequence[str
     fmt = fmt or chat_format(model)
     tok = model.tokenizer
     results: list[tuple[float, int]] = []
+    memo = PrefixMemo()
     bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
     with applied(interventions):
         for start in range(0, len(instructions), batch_size):
@@ -275,13 +285,17 @@ def completion_nll(model, instructions: Sequence[str], completions: Sequence[str
             pad = tok.pad_token_id
             ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
             mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-            logits = model(ids, attention_mask=mask).float()
+            sp = SharedPrefix.of(model, ids, mask, keep=torch.tensor([len(c) + 1 for c in c_ids]), memo=memo)
+            if sp is not None:  # the shared start runs once; logits of the rest of each row
+                logits, ids = sp.logits(0).float(), sp.rest_ids
+            else:
+                logits = model(ids, attention_mask=mask).float()
             logp = logits[:, :-1].log_softmax(-1)
             targets = ids[:, 1:].to(logp.device)
             nll = -logp.gather(-1, targets.unsqueeze(-1))[..., 0]
             for row, c in enumerate(c_ids):
                 n = len(c)
-                results.append((float(nll[row, width - 1 - n :].sum()) if n else 0.0, n))
+                results.append((float(nll[row, nll.shape[1] - n :].sum()) if n else 0.0, n))
             bar.update(len(comps))
     bar.close()
     return results

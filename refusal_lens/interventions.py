@@ -36,6 +36,7 @@ from transformer_lens.utilities import get_act_name
 from refusal_lens.decoding import greedy
 from refusal_lens.errors import RefusalLensError
 from refusal_lens.models import patch_kv_cache
+from refusal_lens.prefix import PrefixMemo
 from refusal_lens.prompts import ChatFormat, batches, chat_format
 
 Hook = tuple[str, Callable]
@@ -232,10 +233,11 @@ def complete(
     logprobs: list[list[float]] = []
     first: list[Tensor] = []
     bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
+    memo = PrefixMemo()
     with applied(interventions):
         for batch in batches(tok, instructions, batch_size, fmt, suffix=suffix):
             g = greedy(model, batch.input_ids, batch.attention_mask, max_new_tokens=max_new_tokens,
-                       eos_id=tok.eos_token_id)
+                       eos_id=tok.eos_token_id, prefix_memo=memo)
             texts += tok.batch_decode(g.tokens, skip_special_tokens=True)
             tokens += g.tokens
             logprobs += g.logprobs

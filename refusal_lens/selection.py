@@ -221,7 +221,8 @@ def gradient_screen_matrix(model, prompts: Sequence[str], refusal_ids: Sequence[
 
 def _accumulate_screen(model, b, names, keep, acts, refusal_ids, n, M) -> float:
     with torch.enable_grad(), model.hooks(fwd_hooks=[(name, keep) for name in names]):
-        logits = last_position_logits(model, b.input_ids, b.attention_mask)
+        # whole rows: the gradients at the shared prefix's positions count too
+        logits = last_position_logits(model, b.input_ids, b.attention_mask, shared_prefix=False)
         metric = refusal_metric_from_logits(logits, refusal_ids)
         metric.sum().div(n).backward()
     for act in acts:
