@@ -33,6 +33,7 @@ Useful FLOPs leave out norms, activations, softmax and the embedding lookup; a f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -168,6 +169,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", type=Path, default=None, help="keep the run folder here (default: a temporary one)")
     ap.add_argument("--peak-repeats", type=int, default=5, help="timed matmuls per peak measurement")
+    ap.add_argument("--no-shared-prefix", action="store_true",
+                    help="run whole rows (refusal_lens.prefix.disabled()): the reference for the shared prefix")
     ap.add_argument("--device", default=None, help="load_model's device (default: cuda when available, else cpu)")
     ap.add_argument("--dtype", default=None, help="load_model's dtype (default: bfloat16 on a GPU, float32 on a CPU)")
     args = ap.parse_args()
@@ -207,7 +210,11 @@ def main() -> None:
         out = args.out or Path(tmp) / "run"
         with counter, scoring_rows(counter), record_generations(model, counter) as gens:
             counter.phase("setup")
-            res = run_pipeline(model, out, cfg, phases=Phases(on_start=counter.phase), overwrite=args.out is not None)
+            from refusal_lens import prefix
+
+            with prefix.disabled() if args.no_shared_prefix else contextlib.nullcontext():
+                res = run_pipeline(model, out, cfg, phases=Phases(on_start=counter.phase),
+                                   overwrite=args.out is not None)
             counter.phase("after")
         evaluation = json.loads((out / "evaluation.json").read_text())
         rows = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
