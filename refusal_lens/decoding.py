@@ -27,7 +27,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import DynamicCache
 
-from refusal_lens.prefix import PrefixMemo, SharedPrefix
+from refusal_lens.prefix import PrefixMemo, SharedPrefix, on_model_device
+from refusal_lens.prompts import position_ids_from_mask
 
 
 @dataclass
@@ -65,15 +66,14 @@ def greedy(model, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tenso
         prefix_memo: the calling loop's :class:`~refusal_lens.prefix.PrefixMemo` (its batches share the prefix).
     """
     hf = getattr(model, "original_model", model)
-    if hf.device.type != "meta":  # as generate does: a dispatched model's first device (meta: offloaded, leave)
-        input_ids, attention_mask = input_ids.to(hf.device), attention_mask.to(hf.device)
+    input_ids, attention_mask = on_model_device(model, input_ids, attention_mask)
     n = input_ids.shape[0]
     sp = SharedPrefix.of(model, input_ids, attention_mask, memo=prefix_memo)
     if sp is not None:  # prefill: the tokens every prompt starts with run once (see refusal_lens.prefix)
         cache, ids, mask, positions = sp.cache(), sp.rest_ids, sp.attention_mask, sp.positions
     else:
         mask = attention_mask.long()
-        cache, ids, positions = DynamicCache(config=hf.config), input_ids, (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        cache, ids, positions = DynamicCache(config=hf.config), input_ids, position_ids_from_mask(mask)
     tokens: list[list[int]] = [[] for _ in range(n)]
     logprobs: list[list[float]] = [[] for _ in range(n)]
     alive = list(range(n))  # batch row -> prompt index

@@ -1,7 +1,7 @@
 """The tokens every prompt of a batch starts with, computed once per batch instead of once per row.
 
-Chat prompts share their start: the template's system turn and the user turn's opening (29 of about 42
-tokens for the embedded model's built-in prompts). A left-padded batch computes those tokens again in every
+Chat prompts share their start: the template's system turn and the user turn's opening (24 of the 43-46
+tokens of a batch of 16 of the embedded model's built-in val prompts). A left-padded batch computes those tokens again in every
 row. :class:`SharedPrefix` finds the longest run of tokens that every row of a batch starts with, runs it
 once (batch of one) into a key/value cache, repeats that cache over the batch, and runs only the rest of
 each row against it.
@@ -53,8 +53,11 @@ def disabled() -> Iterator[None]:
         _enabled = before
 
 
-def is_enabled() -> bool:
-    return _enabled
+def on_model_device(model, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` moved to the HF model's first device, as ``generate`` does (left where they are when that
+    device is ``meta``: a disk-offloaded embedding, whose accelerate hook moves them)."""
+    hf = getattr(model, "original_model", model)
+    return tensors if hf.device.type == "meta" else tuple(t.to(hf.device) for t in tensors)
 
 
 class PrefixMemo(dict):
@@ -110,9 +113,7 @@ class SharedPrefix:
         the calling loop's :class:`PrefixMemo`, shared by its batches."""
         if not _enabled or input_ids.shape[0] < 2:
             return None
-        hf = getattr(model, "original_model", model)
-        if hf.device.type != "meta":  # as generate does; a disk-offloaded embedding leaves them to accelerate
-            input_ids, attention_mask = input_ids.to(hf.device), attention_mask.to(hf.device)
+        input_ids, attention_mask = on_model_device(model, input_ids, attention_mask)
         n = shared_prefix_len(input_ids, attention_mask, keep)
         if n < MIN_PREFIX:
             return None

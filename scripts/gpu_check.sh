@@ -54,7 +54,8 @@ for name in names:
         "ce_harmless": res.evaluation["ce_loss_harmless_completions"],
         "addition": res.evaluation["addition"],
         "export": {k: v for k, v in json.loads((d / "export" / "export_report.json").read_text()).items()
-                   if k in ("max_logit_diff", "hook_ablation_diff", "tolerance", "seconds", "method")},
+                   if k in ("max_logit_diff", "hook_ablation_diff", "kl_vs_hook_ablation", "max_resid_along_r",
+                           "tolerance", "seconds", "method")},
         "timings": res.timings,
     }
     rows.append(row)
