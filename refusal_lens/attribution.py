@@ -66,6 +66,12 @@ class AttributionError(RefusalLensError):
 # --------------------------------------------------------------------------------------------------
 
 
+def _cpu_f32(t: Tensor | None) -> Tensor | None:
+    """A detached float32 copy on the CPU, where the attribution math runs whatever the model's device
+    (``None`` stays ``None``: an absent bias)."""
+    return None if t is None else t.detach().to("cpu", torch.float32, copy=True)
+
+
 def _is_gemma_norm(norm) -> bool:
     """Gemma RMSNorms scale by ``1 + weight`` (the stored weight is an offset from one)."""
     original = getattr(norm, "original_component", None)
@@ -75,14 +81,13 @@ def _is_gemma_norm(norm) -> bool:
 def norm_gain(norm) -> Float[Tensor, " d_model"]:
     """The elementwise gain a TransformerLens norm bridge multiplies the normalised input by."""
     with resident(norm):
-        w = norm.weight.detach().to("cpu", torch.float32, copy=True)
+        w = _cpu_f32(norm.weight)
     return w + 1.0 if _is_gemma_norm(norm) else w
 
 
 def norm_bias(norm) -> Tensor | None:
     with resident(norm):
-        b = getattr(norm, "bias", None)
-        return None if b is None else b.detach().to("cpu", torch.float32, copy=True)
+        return _cpu_f32(getattr(norm, "bias", None))
 
 
 def is_layernorm(norm) -> bool:
@@ -101,8 +106,7 @@ def has_post_attn_norm(model, layer: int) -> bool:
 def attn_bias(model, layer: int) -> Tensor | None:
     """The attention output bias ``b_O`` of a block (``None`` for Llama/Qwen2/Gemma2)."""
     with resident(model.blocks[layer].attn):
-        b = getattr(model.blocks[layer].attn, "b_O", None)
-        return None if b is None else b.detach().to("cpu", torch.float32, copy=True)
+        return _cpu_f32(getattr(model.blocks[layer].attn, "b_O", None))
 
 
 def has_pos_embed(model) -> bool:
@@ -201,7 +205,7 @@ def project_components(
     for l in range(layer):
         z = acts[get_act_name("z", l)]  # [b, p, head, d_head]
         with resident(model.blocks[l].attn):
-            W_O = model.blocks[l].attn.W_O.detach().to("cpu", torch.float32, copy=True)  # [head, d_head, d_model]
+            W_O = _cpu_f32(model.blocks[l].attn.W_O)  # [head, d_head, d_model]
         per_head = torch.einsum("bphd,hdm->bphm", z, W_O)
         bias = attn_bias(model, l)
         bias_out = torch.zeros_like(per_head[:, :, 0]) if bias is None else bias.expand_as(per_head[:, :, 0])
@@ -583,8 +587,7 @@ def logit_attribution(
         W_U = model.W_U.detach()  # [d_model, vocab]
         u = (W_U[:, ids_a].to("cpu", torch.float32).mean(1)
              - (W_U[:, ids_b].to("cpu", torch.float32).mean(1) if ids_b else 0.0))
-        b_U = getattr(model, "b_U", None)
-        b_U = None if b_U is None else b_U.detach().to("cpu", torch.float32, copy=True)
+        b_U = _cpu_f32(getattr(model, "b_U", None))
     bias_term = 0.0 if b_U is None else float(b_U[ids_a].mean() - (b_U[ids_b].mean() if ids_b else 0.0))
     ln = model.ln_final
     gain, beta, centre = norm_gain(ln), norm_bias(ln), is_layernorm(ln)
