@@ -178,6 +178,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
+    from refusal_lens import prefix
     from refusal_lens.pipeline import PHASES, Phases, RunConfig, run_pipeline
 
     cfg = RunConfig()
@@ -210,8 +211,6 @@ def main() -> None:
         out = args.out or Path(tmp) / "run"
         with counter, scoring_rows(counter), record_generations(model, counter) as gens:
             counter.phase("setup")
-            from refusal_lens import prefix
-
             with prefix.disabled() if args.no_shared_prefix else contextlib.nullcontext():
                 res = run_pipeline(model, out, cfg, phases=Phases(on_start=counter.phase),
                                    overwrite=args.out is not None)
