@@ -191,7 +191,7 @@ def _check_model_limits(m, *, prompts: Sequence[str] = (), max_new_tokens: int =
 
 
 def _run_config(n_train, n_val, n_test, max_new_tokens, batch_size, strategy, top_k, max_layer_frac, harmful,
-                harmless, refusal_ids, filter, gen_batch_size=64):
+                harmless, refusal_ids, filter, gen_batch_size=256):
     from refusal_lens.pipeline import RunConfig
 
     return RunConfig(n_train=n_train, n_val=n_val, n_test=n_test, max_new_tokens=max_new_tokens,
@@ -233,7 +233,7 @@ def run(
                                       "default all)."),
     max_new_tokens: int = typer.Option(40, min=1, help="Tokens generated per completion."),
     batch_size: int = typer.Option(16, min=1, max=MAX_BATCH_SIZE, help="Prompts per forward pass."),
-    gen_batch_size: int = typer.Option(64, min=1, max=MAX_BATCH_SIZE, help="Prompts per generation batch (greedy "
+    gen_batch_size: int = typer.Option(256, min=1, max=MAX_BATCH_SIZE, help="Prompts per generation batch (greedy "
                                        "decoding reads every weight once per step: wider batches are cheaper per "
                                        "token; finished prompts leave the batch)."),
     strategy: Strategy = typer.Option(Strategy.fast, help="Selection: 'fast' (screen, then score top-k) or "

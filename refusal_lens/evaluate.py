@@ -267,38 +267,46 @@ def completion_nll(model, instructions: Sequence[str], completions: Sequence[str
     """Per completion: (summed negative log-likelihood in nats, number of tokens), given its prompt.
 
     A completion is a string (tokenized here) or the token ids themselves (e.g. a generation's own tokens,
-    :attr:`refusal_lens.interventions.Completions.tokens`).
+    :attr:`refusal_lens.interventions.Completions.tokens`). Rows run in batches of similar length (less
+    padding), and only the positions that predict a completion token are unembedded; results come back in
+    input order.
     """
     fmt = fmt or chat_format(model)
     tok = model.tokenizer
-    results: list[tuple[float, int]] = []
+    p_ids = [tok(fmt.format(x), add_special_tokens=False)["input_ids"] for x in instructions]
+    c_ids = [tok(c, add_special_tokens=False)["input_ids"] if isinstance(c, str) else list(c) for c in completions]
+    order = sorted(range(len(p_ids)), key=lambda i: (len(p_ids[i]) + len(c_ids[i]), len(c_ids[i])))
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(p_ids)
     memo = PrefixMemo()
-    bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=len(p_ids), desc=desc, disable=not progress, leave=False)
     with applied(interventions):
-        for start in range(0, len(instructions), batch_size):
-            prompts = [fmt.format(x) for x in instructions[start : start + batch_size]]
-            comps = list(completions[start : start + batch_size])
-            p_ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-            c_ids = [tok(c, add_special_tokens=False)["input_ids"] if isinstance(c, str) else list(c) for c in comps]
-            seqs = [p + c for p, c in zip(p_ids, c_ids, strict=True)]
-            width = max(len(s) for s in seqs)
-            pad = tok.pad_token_id
-            ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
-            mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-            sp = SharedPrefix.of(model, ids, mask, keep=torch.tensor([len(c) + 1 for c in c_ids]), memo=memo)
-            if sp is not None:  # the shared start runs once; logits of the rest of each row
-                logits, ids = sp.logits(0).float(), sp.rest_ids
-            else:
-                logits = model(ids, attention_mask=mask).float()
-            logp = logits[:, :-1].log_softmax(-1)
-            targets = ids[:, 1:].to(logp.device)
-            nll = -logp.gather(-1, targets.unsqueeze(-1))[..., 0]
-            for row, c in enumerate(c_ids):
-                n = len(c)
-                results.append((float(nll[row, nll.shape[1] - n :].sum()) if n else 0.0, n))
-            bar.update(len(comps))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            for i, pair in zip(idx, _batch_nll(model, [p_ids[i] for i in idx], [c_ids[i] for i in idx], memo),
+                               strict=True):
+                results[i] = pair
+            bar.update(len(idx))
     bar.close()
     return results
+
+
+def _batch_nll(model, p_ids: list[list[int]], c_ids: list[list[int]], memo: PrefixMemo) -> list[tuple[float, int]]:
+    """(summed NLL, n) of each completion of one left-padded batch; the logits of the last
+    ``max completion + 1`` positions only (those that predict completion tokens)."""
+    seqs = [p + c for p, c in zip(p_ids, c_ids, strict=True)]
+    width, pad = max(len(s) for s in seqs), model.tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    keep = max(len(c) for c in c_ids) + 1
+    sp = SharedPrefix.of(model, ids, mask, keep=torch.tensor([len(c) + 1 for c in c_ids]), memo=memo)
+    if sp is not None:  # the shared start runs once; logits of the rest of each row
+        logits, ids = sp.logits(keep).float(), sp.rest_ids
+    else:
+        logits = model(ids, attention_mask=mask, logits_to_keep=keep)[:, -keep:].float()
+    logp = logits[:, :-1].log_softmax(-1)
+    targets = ids[:, ids.shape[1] - keep + 1 :].to(logp.device)
+    nll = -logp.gather(-1, targets.unsqueeze(-1))[..., 0]
+    return [(float(nll[row, nll.shape[1] - len(c) :].sum()) if c else 0.0, len(c)) for row, c in enumerate(c_ids)]
 
 
 def mean_ce(pairs: Sequence[tuple[float, int]]) -> float:

@@ -196,6 +196,19 @@ class Completions:
         """Per completion, its new tokens without the end token (what :meth:`nll` scores)."""
         return [toks[:-1] if toks and toks[-1] == self.eos_id else toks for toks in self.tokens]
 
+    def split(self, sizes: Sequence[int]) -> list[Completions]:
+        """Consecutive parts of ``sizes[i]`` completions each: one generation over several prompt sets
+        that share their interventions, given back per set."""
+        if sum(sizes) != len(self.texts):
+            raise RefusalLensError(f"split sizes {list(sizes)} add up to {sum(sizes)}, not {len(self.texts)} completions.")
+        parts, start = [], 0
+        for n in sizes:
+            part = slice(start, start + n)
+            parts.append(Completions(self.texts[part], self.tokens[part], self.logprobs[part], self.first_logits[part],
+                                     self.eos_id))
+            start += n
+        return parts
+
     def nll(self) -> list[tuple[float, int]]:
         """Per completion: (summed negative log-likelihood in nats, number of tokens) of
         :meth:`content_tokens`, as :func:`refusal_lens.evaluate.completion_nll` scores them

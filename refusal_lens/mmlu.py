@@ -232,28 +232,30 @@ def mmlu(model, *, n_per_subject: int = 2, seed: int = 0, fmt: str | MMLUFormat 
     t0 = time.perf_counter()
     # batches of similar length waste little on padding; answers are put back in sample order below
     order = sorted(range(len(sample)), key=lambda i: len(messages[i]))
-    scores: list[torch.Tensor] = []
-    bar = tqdm(total=len(sample), desc=f"MMLU {form.n_shot}-shot {form.scoring}", disable=not progress, leave=False)
-    letter_ids = letter_token_ids(model.tokenizer) if form.scoring == "letter" else None
-    sep = " " if form.answer_prefix and not form.answer_prefix.endswith((" ", "\n")) else ""
-    for i in range(0, len(sample), batch_size):
-        idx = order[i : i + batch_size]
-        if letter_ids is not None:
-            logits = last_logits(model, [messages[j] for j in idx], interventions=interventions,
-                                 batch_size=batch_size, fmt=chat)
-            logp = logits.double().log_softmax(-1)
-            scores.append(torch.stack([logp[:, ids].logsumexp(-1) for ids in letter_ids], -1))
-        else:
+    desc = f"MMLU {form.n_shot}-shot {form.scoring}"
+    if form.scoring == "letter":  # one call: its batches share one run of the chat prefix
+        letter_ids = letter_token_ids(model.tokenizer)
+        logits = last_logits(model, [messages[j] for j in order], interventions=interventions, batch_size=batch_size,
+                             fmt=chat, progress=progress, desc=desc)
+        logp = logits.double().log_softmax(-1)
+        flat = torch.stack([logp[:, ids].logsumexp(-1) for ids in letter_ids], -1)
+    else:
+        sep = " " if form.answer_prefix and not form.answer_prefix.endswith((" ", "\n")) else ""
+        scores: list[torch.Tensor] = []
+        bar = tqdm(total=len(sample), desc=desc, disable=not progress, leave=False)
+        for i in range(0, len(sample), batch_size):
+            idx = order[i : i + batch_size]
             instr = [messages[j] for j in idx for _ in LETTERS]
             comps = [sep + o.strip() for j in idx for o in sample[j].options]
-            nll = completion_nll(model, instr, comps, interventions=interventions, batch_size=len(instr), fmt=chat)
+            nll = completion_nll(model, instr, comps, interventions=interventions, batch_size=len(instr), fmt=chat,
+                                 progress=False)
             scores.append(torch.tensor([-s / max(n, 1) for s, n in nll], dtype=torch.float64).view(len(idx), 4))
-        bar.update(len(idx))
+            bar.update(len(idx))
+        bar.close()
+        flat = torch.cat(scores)
     preds, per_q = [0] * len(sample), [[0.0] * 4 for _ in sample]
-    flat = torch.cat(scores)
     for j, p, sc in zip(order, flat.argmax(-1).tolist(), flat.tolist(), strict=True):
         preds[j], per_q[j] = p, [round(x, 4) for x in sc]
-    bar.close()
     records = [{"subject": q.subject, "answer": q.answer, "predicted": LETTERS[p], "correct": LETTERS[p] == q.answer,
                 "scores": sc} for q, p, sc in zip(sample, preds, per_q, strict=True)]
     return MMLUResult(records, asdict(form), n_per_subject, seed, round(time.perf_counter() - t0, 1))

@@ -112,7 +112,7 @@ class RunConfig:
     n_test: int | None = None
     max_new_tokens: int = 40
     batch_size: int = 16
-    gen_batch_size: int = 64  # prompts per generation batch (decoding is memory-bound: wider batches pay)
+    gen_batch_size: int = 256  # prompts per generation batch (each decode step reads every weight: wider batches pay)
     strategy: str = "fast"
     top_k: int = 6
     n_screen: int = 8
@@ -205,22 +205,29 @@ def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids,
     """Generate on the test split under each condition and score refusal, coherence, KL and CE
     (``phases``, when given, times the generation and the scoring apart)."""
     harmful, harmless = splits.harmful["test"], splits.harmless["test"]
-    conditions: dict[str, tuple[list[str], list]] = {
-        "harmful_baseline": (harmful, []),
-        "harmful_ablated": (harmful, [direction.ablate(model)]),
-        "harmless_baseline": (harmless, []),
-        "harmless_ablated": (harmless, [direction.ablate(model)]),
-        "harmless_added_coeff1": (harmless, [direction.add(model, 1.0)]),
+    # conditions that share their interventions generate together: one call, wider batches, one prefix
+    edits: dict[str, list] = {"baseline": [], "ablated": [direction.ablate(model)],
+                              "added_coeff1": [direction.add(model, 1.0)]}
+    conditions: dict[str, tuple[list[str], str]] = {
+        "harmful_baseline": (harmful, "baseline"),
+        "harmful_ablated": (harmful, "ablated"),
+        "harmless_baseline": (harmless, "baseline"),
+        "harmless_ablated": (harmless, "ablated"),
+        "harmless_added_coeff1": (harmless, "added_coeff1"),
     }
     if tuned_coeff != 1.0:
-        conditions["harmless_added_tuned"] = (harmless, [direction.add(model, tuned_coeff)])
+        edits["added_tuned"] = [direction.add(model, tuned_coeff)]
+        conditions["harmless_added_tuned"] = (harmless, "added_tuned")
     gen = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.gen_batch_size}
     done: dict[str, Completions] = {}
-    results: dict[str, dict] = {}
-    for name, (prompts, ivs) in conditions.items():
-        console.print(f"  generating: {name} ({len(prompts)} prompts)")
-        done[name] = complete(model, prompts, interventions=ivs, desc=name, **gen)
-        results[name] = {"refusal_score": refusal_score(done[name].texts), "n": len(prompts)}
+    for edit, ivs in edits.items():
+        names = [name for name, (_, e) in conditions.items() if e == edit]
+        sets = [conditions[name][0] for name in names]
+        console.print(f"  generating: {' + '.join(names)} ({sum(map(len, sets))} prompts)")
+        together = complete(model, [p for s in sets for p in s], interventions=ivs, desc=edit, **gen)
+        done.update(zip(names, together.split([len(s) for s in sets]), strict=True))
+    done = {name: done[name] for name in conditions}  # the conditions' order in evaluation.json and completions.jsonl
+    results = {name: {"refusal_score": refusal_score(c.texts), "n": len(c.texts)} for name, c in done.items()}
     completions = {name: c.texts for name, c in done.items()}
     if phases is not None:
         phases.start("evaluate_score")

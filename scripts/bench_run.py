@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=None, help="RunConfig.n_train (default 128)")
     ap.add_argument("--n-val", type=int, default=None, help="RunConfig.n_val (default 32)")
     ap.add_argument("--n-test", type=int, default=None, help="RunConfig.n_test (default: every test prompt)")
-    ap.add_argument("--gen-batch-size", type=int, default=None, help="RunConfig.gen_batch_size (default 64)")
+    ap.add_argument("--gen-batch-size", type=int, default=None, help="RunConfig.gen_batch_size (default 256)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="RunConfig.max_new_tokens (default 40)")
     ap.add_argument("--filter", action=argparse.BooleanOptionalAction, default=None,
                     help="the paper's filtering of train and val (default on; --quick: off, it scores every "

@@ -82,3 +82,15 @@ def test_kept_logits_and_logprobs_match_what_evaluation_recomputes(tiny_model):
     re_scored = completion_nll(tiny_model, [PROMPTS[i] for i in same], [c.texts[i] for i in same], progress=False)
     for i, (s_ref, _) in zip(same, re_scored, strict=True):
         assert c.nll()[i][0] == pytest.approx(s_ref, rel=1e-4, abs=1e-4)
+
+
+def test_completions_split_into_consecutive_parts(tiny_model):
+    """One generation over two prompt sets, split back: each part equals its slice; sizes must add up."""
+    from refusal_lens.errors import RefusalLensError
+
+    c = complete(tiny_model, ["a b", "c d e", "f", "g h"], max_new_tokens=3, progress=False)
+    first, second = c.split([1, 3])
+    assert first.texts == c.texts[:1] and second.tokens == c.tokens[1:] and second.logprobs == c.logprobs[1:]
+    assert torch.equal(second.first_logits, c.first_logits[1:]) and second.eos_id == c.eos_id
+    with pytest.raises(RefusalLensError, match="add up to 3, not 4"):
+        c.split([1, 2])

@@ -88,3 +88,18 @@ def test_embedded_refusal_vs_garbage(embedded_model):
     coh = coherence(embedded_model, instr, [good, bad])
     assert coh.coherent == [True, False]
     assert coh.perplexity[0] < 30 < coh.perplexity[1]
+
+
+def test_completion_nll_batched_equals_one_at_a_time(tiny_llama):
+    """Sorted into batches of similar length, unembedding only the completion positions: the same (NLL, n)
+    per completion, in input order, as each scored alone; empty completions score (0, 0)."""
+    from refusal_lens.evaluate import completion_nll
+
+    prompts = ["tell me a story", "hi", "what is the weather like in the park today", "draw a cat", "sing"]
+    comps = [" the cat sat on the mat", "", " sunny", [5, 6, 7, 8, 9, 10, 11, 12], " a"]
+    together = completion_nll(tiny_llama, prompts, comps, batch_size=2, progress=False)
+    alone = [completion_nll(tiny_llama, [p], [c], progress=False)[0] for p, c in zip(prompts, comps, strict=True)]
+    assert [n for _, n in together] == [n for _, n in alone] and together[3][1] == 8
+    assert together[1] == (0.0, 0)
+    for (s1, _), (s2, _) in zip(together, alone, strict=True):
+        assert abs(s1 - s2) < 1e-4 * max(1.0, abs(s2))

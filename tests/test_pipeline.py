@@ -301,3 +301,29 @@ def test_step_commands_take_the_same_steps_as_run(tmp_path, monkeypatch):
     d = Direction.load(tmp_path / "d")
     assert (d.layer, d.position) == (res.direction.layer, res.direction.position)
     assert d.provenance["addition_coeff"] == res.direction.provenance["addition_coeff"]
+
+
+def test_conditions_sharing_interventions_generate_together(tiny_llama, tmp_path, monkeypatch):
+    """Baseline and ablated conditions run harmful + harmless in one call each; each condition's completions
+    are those it gets generated alone."""
+    import refusal_lens.pipeline as pl
+    from refusal_lens.interventions import complete
+
+    calls = []
+
+    def spy(model, prompts, **kw):
+        calls.append((kw["desc"], len(prompts), kw["batch_size"]))
+        return complete(model, prompts, **kw)
+
+    monkeypatch.setattr(pl, "complete", spy)
+    cfg = _cfg(tmp_path)
+    res = run_pipeline(tiny_llama, tmp_path / "run", cfg)
+    assert cfg.gen_batch_size == 256
+    assert calls[:3] == [("baseline", 4, 256), ("ablated", 4, 256), ("added_coeff1", 2, 256)]
+    rows = res.completions
+    for name, ivs in (("harmless_ablated", [res.direction.ablate(tiny_llama)]), ("harmful_baseline", [])):
+        mine = [r for r in rows if r["condition"] == name]
+        alone = complete(tiny_llama, [r["instruction"] for r in mine], interventions=ivs,
+                         max_new_tokens=cfg.max_new_tokens, progress=False)
+        assert [r["completion"] for r in mine] == alone.texts
+    assert [r["condition"] for r in rows][::2] == list(res.evaluation["conditions"])  # 2 test prompts each
