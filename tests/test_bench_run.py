@@ -101,7 +101,13 @@ def test_scoring_needs_one_row_per_completion_token(model):
         c.add_needed_rows(sum(k for _, k in pairs))
     n = c.counts["other"]
     assert n.needed_logit_rows == sum(k for _, k in pairs) > 0
-    assert n.logit_rows == n.fed_token_layers // N_LAYERS > n.needed_logit_rows  # full logits were computed
+    # per batch (rows sorted by length): each row's logits from its last `longest completion + 1` positions
+    tok, fmt = model.tokenizer, chat_format(model)
+    p = [len(tok(fmt.format(x), add_special_tokens=False)["input_ids"]) for x in PROMPTS]
+    k = [n_tok for _, n_tok in pairs]
+    order = sorted(range(len(PROMPTS)), key=lambda i: (p[i] + k[i], k[i]))
+    kept = sum(len(b) * (max(k[i] for i in b) + 1) for b in (order[:2], order[2:]))
+    assert n.needed_logit_rows < n.logit_rows == kept < n.fed_token_layers // N_LAYERS
 
 
 def test_bench_run_main_on_a_tiny_model(monkeypatch, capsys):
