@@ -17,7 +17,10 @@ CPU, 8192^3 bf16 on a GPU; ``--device`` / ``--dtype`` as ``load_model``'s), in T
    token ids and batches) on the prompts of the run's two baseline conditions, and checks that its greedy
    tokens are identical to those refusal-lens's ``generate`` produced in the run without interventions
    (recorded from :func:`refusal_lens.decoding.greedy`); tokens / s of both, and of refusal-lens under
-   interventions.
+   interventions,
+5. right after plain ``generate``, decodes the same batches again under the run's ablation and checks the
+   tokens against the run's ablated completions: throughput timed minutes apart drifts with the machine, so
+   this adjacent pair gives the ratio under ablation.
 
 The last line is ``whole run: N.N TFLOP-equivalents (S s x P GFLOP/s)``.
 
@@ -279,6 +282,26 @@ def main() -> None:
     if s_h and plain_s:
         print(f"refusal-lens under interventions / plain throughput: {(n_h / s_h) / (n_plain / plain_s):.2f}x "
               f"(goal >= 1.5x); without interventions: {(n_b / s_b) / (n_plain / plain_s):.2f}x")
+
+    # ---- under ablation, on the same batches, right after plain generate (the machine's speed drifts over minutes)
+    from refusal_lens.decoding import greedy
+
+    sync()
+    t0 = time.perf_counter()
+    with res.direction.ablate(model):
+        ablated = [greedy(model, g["input_ids"], g["attention_mask"], max_new_tokens=cfg.max_new_tokens,
+                          eos_id=tok.eos_token_id) for g in base]
+    sync()
+    abl_s = time.perf_counter() - t0
+    abl_tokens = [r for a in ablated for r in generated_tokens(a.tokens, eos_ids)]
+    n_abl = sum(len(r) for r in abl_tokens)
+    run_abl = [r["completion"] for c in ("harmful_ablated", "harmless_ablated") for r in rows if r["condition"] == c]
+    same = tok.batch_decode([torch.tensor(t, dtype=torch.long) for t in abl_tokens], skip_special_tokens=True) == run_abl
+    print(f"{'refusal-lens under ablation, same prompt ids, next':<52}{len(abl_tokens):>8}{n_abl:>8}{abl_s:>9.1f}"
+          f"{(n_abl / abl_s if abl_s else float('nan')):>10.1f}")
+    if abl_s and plain_s:
+        print(f"adjacent: refusal-lens under ablation / plain throughput: {(n_abl / abl_s) / (n_plain / plain_s):.2f}x "
+              f"(goal >= 1.5x); its completions equal the run's ablated ones: {'yes' if same else 'NO'}")
 
     print(f"whole run: {res.seconds * peak / 1e12:.1f} TFLOP-equivalents ({res.seconds:.1f} s x {peak / 1e9:.0f} GFLOP/s)")
 

@@ -139,4 +139,5 @@ def test_bench_run_main_on_a_tiny_model(monkeypatch, capsys):
         assert table[name][4] != "-" and int(table[name][6].replace(",", "")) > 0  # useful FLOPs, tokens counted
     assert table["extract"][-1] == "0/0"  # diff-in-means stops before the unembedding: no logits needed
     assert "greedy tokens: yes" in out and "decoded text equal to completions.jsonl: yes" in out
+    assert "its completions equal the run's ablated ones: yes" in out  # the adjacent re-run under ablation
     assert lines[-1].startswith("whole run: ") and "TFLOP-equivalents" in lines[-1]
