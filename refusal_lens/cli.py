@@ -191,7 +191,7 @@ def _check_model_limits(m, *, prompts: Sequence[str] = (), max_new_tokens: int =
 
 
 def _run_config(n_train, n_val, n_test, max_new_tokens, batch_size, strategy, top_k, max_layer_frac, harmful,
-                harmless, refusal_ids, filter, gen_batch_size=256):
+                harmless, refusal_ids, filter, gen_batch_size):
     from refusal_lens.pipeline import RunConfig
 
     return RunConfig(n_train=n_train, n_val=n_val, n_test=n_test, max_new_tokens=max_new_tokens,
