@@ -55,7 +55,8 @@ def _forward(hf, ids, mask, positions, cache) -> Tensor:
 
 @torch.no_grad()
 def greedy(model, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"], *,
-           max_new_tokens: int, eos_id: int | None, prefix_memo: PrefixMemo | None = None) -> Greedy:
+           max_new_tokens: int, eos_id: int | None, prefix_memo: PrefixMemo | None = None,
+           switch=None) -> Greedy:
     """Greedy completions of a left-padded batch, each row dropped from the batch once it emits ``eos_id``.
 
     Args:
@@ -64,11 +65,15 @@ def greedy(model, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tenso
         max_new_tokens: at most this many new tokens per row.
         eos_id: the end token (``None``: every row runs ``max_new_tokens``).
         prefix_memo: the calling loop's :class:`~refusal_lens.prefix.PrefixMemo` (its batches share the prefix).
+        switch: an active :class:`~refusal_lens.interventions.RowSwitch` whose ``rows`` give this batch's
+            groups; its rows follow the batch as rows leave it.
     """
     hf = getattr(model, "original_model", model)
     input_ids, attention_mask = on_model_device(model, input_ids, attention_mask)
     n = input_ids.shape[0]
-    sp = SharedPrefix.of(model, input_ids, attention_mask, memo=prefix_memo)
+    if switch is not None and (switch.rows is None or switch.rows.shape[0] != n):
+        raise ValueError(f"switch.rows must give one group per row of this batch of {n}")
+    sp = SharedPrefix.of(model, input_ids, attention_mask, memo=prefix_memo, switch=switch)
     if sp is not None:  # prefill: the tokens every prompt starts with run once (see refusal_lens.prefix)
         cache, ids, mask, positions = sp.cache(), sp.rest_ids, sp.attention_mask, sp.positions
     else:
@@ -94,6 +99,8 @@ def greedy(model, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tenso
             keep = (~ended).nonzero()[:, 0]
             cache.batch_select_indices(keep)
             alive = [alive[r] for r in keep.tolist()]
+            if switch is not None:
+                switch.rows = switch.rows[keep.to(switch.rows.device)]
             chosen, mask, positions = chosen[keep], mask[keep], positions[keep]
         ids = chosen[:, None]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)

@@ -42,7 +42,7 @@ from refusal_lens.evaluate import (
     mean_ce,
     refusal_score,
 )
-from refusal_lens.interventions import Completions, complete
+from refusal_lens.interventions import complete_each
 from refusal_lens.io import atomic_dir, check_output_dir
 from refusal_lens.jsonio import json_safe
 from refusal_lens.models import model_id
@@ -205,28 +205,21 @@ def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids,
     """Generate on the test split under each condition and score refusal, coherence, KL and CE
     (``phases``, when given, times the generation and the scoring apart)."""
     harmful, harmless = splits.harmful["test"], splits.harmless["test"]
-    # conditions that share their interventions generate together: one call, wider batches, one prefix
-    edits: dict[str, list] = {"baseline": [], "ablated": [direction.ablate(model)],
-                              "added_coeff1": [direction.add(model, 1.0)]}
-    conditions: dict[str, tuple[list[str], str]] = {
-        "harmful_baseline": (harmful, "baseline"),
-        "harmful_ablated": (harmful, "ablated"),
-        "harmless_baseline": (harmless, "baseline"),
-        "harmless_ablated": (harmless, "ablated"),
-        "harmless_added_coeff1": (harmless, "added_coeff1"),
+    # every condition in one stream of wide batches, each row under its own condition's interventions
+    ablate, add1 = direction.ablate(model), direction.add(model, 1.0)
+    conditions: dict[str, tuple[list[str], list]] = {
+        "harmful_baseline": (harmful, []),
+        "harmful_ablated": (harmful, [ablate]),
+        "harmless_baseline": (harmless, []),
+        "harmless_ablated": (harmless, [ablate]),
+        "harmless_added_coeff1": (harmless, [add1]),
     }
     if tuned_coeff != 1.0:
-        edits["added_tuned"] = [direction.add(model, tuned_coeff)]
-        conditions["harmless_added_tuned"] = (harmless, "added_tuned")
-    gen = {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.gen_batch_size}
-    done: dict[str, Completions] = {}
-    for edit, ivs in edits.items():
-        names = [name for name, (_, e) in conditions.items() if e == edit]
-        sets = [conditions[name][0] for name in names]
-        console.print(f"  generating: {' + '.join(names)} ({sum(map(len, sets))} prompts)")
-        together = complete(model, [p for s in sets for p in s], interventions=ivs, desc=edit, **gen)
-        done.update(zip(names, together.split([len(s) for s in sets]), strict=True))
-    done = {name: done[name] for name in conditions}  # the conditions' order in evaluation.json and completions.jsonl
+        conditions["harmless_added_tuned"] = (harmless, [direction.add(model, tuned_coeff)])
+    console.print(f"  generating: {len(conditions)} conditions, {sum(len(p) for p, _ in conditions.values())} prompts "
+                  f"in batches of {cfg.gen_batch_size}")
+    done = complete_each(model, conditions, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
+                         desc="conditions")
     results = {name: {"refusal_score": refusal_score(c.texts), "n": len(c.texts)} for name, c in done.items()}
     completions = {name: c.texts for name, c in done.items()}
     if phases is not None:
@@ -242,7 +235,7 @@ def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids,
     base = done["harmless_baseline"]
     ce_base = mean_ce(base.nll())
     ce_abl = completion_ce(model, harmless, base.content_tokens(), batch_size=cfg.batch_size,
-                           interventions=direction.ablate(model), desc="CE ablated")
+                           interventions=ablate, desc="CE ablated")
     evaluation = {
         "conditions": results,
         "kl_harmless_test_last_token": kl_last(base.first_logits, done["harmless_ablated"].first_logits),

@@ -99,6 +99,7 @@ class SharedPrefix:
     attention_mask: Int[Tensor, "batch total"]
     positions: Int[Tensor, "batch rest"]
     memo: PrefixMemo | None = None
+    switch: object | None = None
 
     @property
     def n_prefix(self) -> int:
@@ -106,11 +107,13 @@ class SharedPrefix:
 
     @classmethod
     def of(cls, model, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"], *,
-           keep: int | Int[Tensor, " batch"] = 1, memo: PrefixMemo | None = None) -> SharedPrefix | None:
+           keep: int | Int[Tensor, " batch"] = 1, memo: PrefixMemo | None = None,
+           switch=None) -> SharedPrefix | None:
         """The split of this batch, or ``None`` where it does not pay (one row, a prefix shorter than
         :data:`MIN_PREFIX`, or :func:`disabled`). ``keep``: real tokens each row keeps after the prefix
         (a capture at offset ``-k`` needs ``k``; scoring ``n`` completion tokens needs ``n + 1``). ``memo``:
-        the calling loop's :class:`PrefixMemo`, shared by its batches."""
+        the calling loop's :class:`PrefixMemo`, shared by its batches. ``switch``: an active
+        :class:`~refusal_lens.interventions.RowSwitch` (rows of different groups get different prefixes)."""
         if not _enabled or input_ids.shape[0] < 2:
             return None
         input_ids, attention_mask = on_model_device(model, input_ids, attention_mask)
@@ -127,24 +130,33 @@ class SharedPrefix:
         positions = (n + rest_mask.cumsum(-1) - 1).masked_fill(rest_mask == 0, 0)
         prefix_ids = input_ids[:1, start0 : start0 + n]
         full = torch.cat([rest_mask.new_ones(mask.shape[0], n), rest_mask], -1)
-        return cls(model, prefix_ids, rest_ids, full, positions, memo)
+        return cls(model, prefix_ids, rest_ids, full, positions, memo, switch)
 
     def cache(self) -> DynamicCache:
         """Run the prefix once (or take it from the memo), under the hooks active now, and repeat its key/value
-        cache over the batch."""
+        cache over the batch. Under a :class:`~refusal_lens.interventions.RowSwitch` the prefix runs once per
+        group present (a batch of one row per group) and each row gets its group's cache."""
+        rows = getattr(self.switch, "rows", None)
+        groups, inverse = (None, None) if rows is None else torch.unique(rows, return_inverse=True)
         key = tuple(self.prefix_ids[0].tolist())
+        if groups is not None:
+            key = (key, tuple(groups.tolist()))
         one = self.memo.get(key) if self.memo is not None else None
         if one is None:
             hf = getattr(self.model, "original_model", self.model)
             one = DynamicCache(config=hf.config)
-            with torch.no_grad():
-                hf(input_ids=self.prefix_ids, attention_mask=torch.ones_like(self.prefix_ids),
-                   position_ids=torch.arange(self.n_prefix, device=self.prefix_ids.device)[None], cache=one,
-                   use_cache=True, logits_to_keep=1)
+            ids = self.prefix_ids if groups is None else self.prefix_ids.expand(len(groups), -1)
+            with torch.no_grad(), self.switch.rows_as(groups) if groups is not None else contextlib.nullcontext():
+                hf(input_ids=ids, attention_mask=torch.ones_like(ids),
+                   position_ids=torch.arange(self.n_prefix, device=ids.device)[None].repeat(ids.shape[0], 1),
+                   cache=one, use_cache=True, logits_to_keep=1)
             if self.memo is not None:
                 self.memo[key] = one
         cache = copy.deepcopy(one)
-        cache.batch_repeat_interleave(self.rest_ids.shape[0])
+        if groups is None:
+            cache.batch_repeat_interleave(self.rest_ids.shape[0])
+        else:
+            cache.batch_select_indices(inverse.to(self.prefix_ids.device))
         return cache
 
     def forward(self, cache: DynamicCache, logits_to_keep: int = 1) -> Float[Tensor, "batch keep vocab"]:

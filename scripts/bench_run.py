@@ -13,11 +13,11 @@ CPU, 8192^3 bf16 on a GPU; ``--device`` / ``--dtype`` as ``load_model``'s), in T
    inside CE / coherence scoring), per phase of :data:`refusal_lens.pipeline.PHASES`,
 3. prints per phase: seconds, cost, useful FLOPs, cost / useful (1 = the run at the matmul peak doing only
    useful work) and computed / useful (what padding and unneeded logit rows add),
-4. times plain ``transformers`` ``generate`` (a plain ``AutoModelForCausalLM`` on the same weights, the same
-   token ids and batches) on the prompts of the run's two baseline conditions, and checks that its greedy
-   tokens are identical to those refusal-lens's ``generate`` produced in the run without interventions
-   (recorded from :func:`refusal_lens.decoding.greedy`); tokens / s of both, and of refusal-lens under
-   interventions,
+4. times plain ``transformers`` ``generate`` (a plain ``AutoModelForCausalLM`` on the same weights) on the
+   prompts of the run's two baseline conditions, in batches of the run's ``gen_batch_size``, and checks that
+   its greedy tokens are identical to those of the run's baseline rows (recorded from
+   :func:`refusal_lens.decoding.greedy`; the run decodes every condition in one stream of batches); tokens / s
+   of both,
 5. right after plain ``generate``, decodes the same batches again under the run's ablation and checks the
    tokens against the run's ablated completions: throughput timed minutes apart drifts with the machine, so
    this adjacent pair gives the ratio under ablation.
@@ -86,15 +86,20 @@ def scoring_rows(counter: FlopCounter):
 @contextmanager
 def record_generations(model, counter: FlopCounter):
     """Record every batch refusal-lens decodes (:func:`refusal_lens.decoding.greedy`, as
-    :func:`refusal_lens.interventions.complete` calls it): phase, whether interventions were active, the
-    prompt ids, the new tokens (each row up to its end token) and the seconds it took."""
+    :func:`refusal_lens.interventions.complete` and ``complete_each`` call it): phase, per row whether
+    interventions applied to it, the prompt ids, the new tokens (each row up to its end token) and the
+    seconds it took."""
     import refusal_lens.interventions as iv
 
     calls: list[dict] = []
     original = iv.greedy
 
     def wrapper(m, input_ids, attention_mask, **kwargs):
-        hooked = any(len(hp.fwd_hooks) for hp in model.hook_dict.values())
+        switch = kwargs.get("switch")
+        if switch is not None:  # complete_each: per row, whether its condition has interventions
+            hooked = [bool(switch.groups[g]) for g in switch.rows.tolist()]
+        else:
+            hooked = [any(len(hp.fwd_hooks) for hp in model.hook_dict.values())] * input_ids.shape[0]
         sync()
         t0 = time.perf_counter()
         out = original(m, input_ids, attention_mask, **kwargs)
@@ -239,9 +244,13 @@ def main() -> None:
     # ---- generation: refusal-lens vs plain transformers on the baseline prompts
     eos = model.original_model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    from refusal_lens.prompts import batches, chat_format
+
     evals = [g for g in gens if g["phase"] == "evaluate_generate"]
-    base = [g for g in evals if not g["hooked"]]
-    hooked = [g for g in evals if g["hooked"]]
+    base_names = ("harmful_baseline", "harmless_baseline")
+    base_prompts = [r["instruction"] for c in base_names for r in rows if r["condition"] == c]
+    base = [{"input_ids": b.input_ids, "attention_mask": b.attention_mask}
+            for b in batches(tok, base_prompts, cfg.gen_batch_size, chat_format(model))]
     plain_counter = FlopCounter(hf, tok.pad_token_id)
     with plain_counter:
         plain_counter.phase("plain generate")
@@ -251,37 +260,33 @@ def main() -> None:
                                cfg.max_new_tokens, tok.pad_token_id)
         sync()
         plain_s = time.perf_counter() - t0
-    rl_tokens = [r for g in base for r in generated_tokens(g["new"], eos_ids)]
+    rl_tokens = [r for g in evals for r, h in zip(generated_tokens(g["new"], eos_ids), g["hooked"], strict=True) if not h]
     plain_tokens = [r for t in plain for r in generated_tokens(t, eos_ids)]
-    n_diff = sum(a != b for a, b in zip(rl_tokens, plain_tokens, strict=True))
-    base_texts = [r["completion"] for r in rows if r["condition"] in ("harmful_baseline", "harmless_baseline")]
+    n_diff = sum(a != b for a, b in zip(rl_tokens, plain_tokens, strict=True)) + abs(len(rl_tokens) - len(plain_tokens))
+    base_texts = [r["completion"] for c in base_names for r in rows if r["condition"] == c]
     plain_texts = tok.batch_decode([torch.tensor(t, dtype=torch.long) for t in plain_tokens], skip_special_tokens=True)
     n_text = sum(a != b for a, b in zip(base_texts, plain_texts, strict=True))
-
-    def tps(items) -> tuple[int, float]:
-        n = sum(len(r) for g in items for r in generated_tokens(g["new"], eos_ids))
-        return n, sum(g["seconds"] for g in items)
 
     print(f"\ngeneration of the evaluation ({cfg.max_new_tokens} new tokens at most, batch {cfg.gen_batch_size}, "
           "greedy; refusal-lens drops a prompt from its batch when it ends, transformers' generate does not)")
     print(f"{'':<52}{'prompts':>8}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}")
+    n_run = sum(len(r) for g in evals for r in generated_tokens(g["new"], eos_ids))
+    s_run = sum(g["seconds"] for g in evals)
     n_plain = sum(len(r) for r in plain_tokens)
-    for label, (n, s), k in (("refusal-lens, no interventions (baseline conditions)", tps(base), len(rl_tokens)),
-                             ("plain transformers generate, same prompt ids", (n_plain, plain_s), len(plain_tokens)),
-                             ("refusal-lens, with interventions (other conditions)", tps(hooked),
-                              sum(len(g["new"]) for g in hooked))):
+    for label, n, s, k in (("refusal-lens, the run: every condition, one call", n_run, s_run,
+                            sum(len(g["new"]) for g in evals)),
+                           ("plain transformers generate, baseline prompts", n_plain, plain_s, len(plain_tokens))):
         print(f"{label:<52}{k:>8}{n:>8}{s:>9.1f}{(n / s if s else float('nan')):>10.1f}")
     plain_count = plain_counter.counts["plain generate"]
     print(f"plain generate: cost {plain_s * peak / 1e12:.3g} TFLOP-eq, useful {shape.useful_flops(plain_count) / 1e12:.3g} "
           f"TF, cost/useful {plain_s * peak / max(shape.useful_flops(plain_count), 1):.2f}")
-    print("check: refusal-lens generate without interventions == plain transformers greedy tokens: "
-          + ("yes" if n_diff == 0 else f"NO ({n_diff}/{len(rl_tokens)} completions differ)")
-          + f" ({len(rl_tokens)} completions; decoded text equal to completions.jsonl: "
+    print("check: refusal-lens generate without interventions (the run's baseline rows) == plain transformers greedy "
+          "tokens: " + ("yes" if n_diff == 0 else f"NO ({n_diff}/{len(plain_tokens)} completions differ)")
+          + f" ({len(plain_tokens)} completions; decoded text equal to completions.jsonl: "
           + ("yes" if n_text == 0 else f"NO, {n_text} differ") + ")")
-    (n_h, s_h), (n_b, s_b) = tps(hooked), tps(base)
-    if s_h and plain_s:
-        print(f"refusal-lens under interventions / plain throughput: {(n_h / s_h) / (n_plain / plain_s):.2f}x "
-              f"(goal >= 1.5x); without interventions: {(n_b / s_b) / (n_plain / plain_s):.2f}x")
+    if s_run and plain_s:
+        print(f"the run's generation (all conditions) / plain throughput (baseline prompts): "
+              f"{(n_run / s_run) / (n_plain / plain_s):.2f}x")
 
     # ---- under ablation, on the same batches, right after plain generate (the machine's speed drifts over minutes)
     from refusal_lens.decoding import greedy

@@ -94,3 +94,66 @@ def test_completions_split_into_consecutive_parts(tiny_model):
     assert torch.equal(second.first_logits, c.first_logits[1:]) and second.eos_id == c.eos_id
     with pytest.raises(RefusalLensError, match="add up to 3, not 4"):
         c.split([1, 2])
+
+
+def _direction(model, seed: int, layer: int = 1) -> Direction:
+    g = torch.Generator().manual_seed(seed)
+    return Direction(torch.randn(model.cfg.d_model, generator=g), layer=layer, position=-1,
+                     model_id=model.refusal_lens_id, norm=5.0)
+
+
+def test_conditions_in_one_stream_of_batches_get_the_tokens_they_get_alone(tiny_model):
+    """complete_each: 5 conditions (23 rows, batches of 7 mixing them; one condition composes two
+    interventions, two share one) each get the tokens, log-probabilities and first logits of their own call."""
+    from refusal_lens.interventions import complete_each
+
+    d, e = _direction(tiny_model, 0), _direction(tiny_model, 1)
+    ablate = d.ablate(tiny_model)
+    conditions = {"base": (PROMPTS, []), "ablated": (PROMPTS[:4], [ablate]),
+                  "added": (PROMPTS[2:], e.add(tiny_model, 4.0)),
+                  "both": (PROMPTS, [ablate, e.add(tiny_model, -4.0)]), "ablated_again": (PROMPTS[3:], [ablate])}
+    done = complete_each(tiny_model, conditions, max_new_tokens=8, batch_size=7, progress=False)
+    assert list(done) == list(conditions)
+    for name, (prompts, ivs) in conditions.items():
+        alone = complete(tiny_model, prompts, interventions=ivs, max_new_tokens=8, batch_size=7, progress=False)
+        assert done[name].tokens == alone.tokens and done[name].texts == alone.texts, name
+        torch.testing.assert_close(done[name].first_logits, alone.first_logits, rtol=1e-5, atol=1e-5)
+        flat = [p for row in done[name].logprobs for p in row]
+        assert flat == pytest.approx([p for row in alone.logprobs for p in row], abs=1e-5)
+    assert done["ablated"].first_logits.sub(done["base"].first_logits[:4]).abs().max() > 1e-2
+    assert done["added"].first_logits.sub(done["base"].first_logits[2:]).abs().max() > 1e-2
+
+
+def test_switch_rows_follow_the_rows_that_end_early(tiny_llama):
+    """greedy under a RowSwitch (base and ablated rows interleaved) drops ended rows from the switch too:
+    each row's tokens are those of its group decoded alone."""
+    from refusal_lens.interventions import RowSwitch
+
+    model = tiny_llama
+    d = _direction(model, 0)
+    b = next(iter(batches(model.tokenizer, PROMPTS * 2, 12, chat_format(model))))
+    free = _hf_greedy(model, b, 12, None)
+    eos = Counter(t for row in free for t in row[2:6]).most_common(1)[0][0]
+    rows = torch.tensor([0, 1] * 6)
+    switch = RowSwitch(model, [[], [d.ablate(model)]])
+    switch.rows = rows
+    with switch:
+        g = greedy(model, b.input_ids, b.attention_mask, max_new_tokens=12, eos_id=eos, switch=switch)
+    base = greedy(model, b.input_ids[rows == 0], b.attention_mask[rows == 0], max_new_tokens=12, eos_id=eos)
+    with d.ablate(model):
+        abl = greedy(model, b.input_ids[rows == 1], b.attention_mask[rows == 1], max_new_tokens=12, eos_id=eos)
+    assert g.tokens[0::2] == base.tokens and g.tokens[1::2] == abl.tokens
+    assert base.tokens != abl.tokens
+    lengths = [len(t) for t in g.tokens]
+    assert min(lengths) < 12 and max(lengths) == 12
+
+
+def test_switch_without_rows_says_how_to_set_them(tiny_llama):
+    from refusal_lens.errors import RefusalLensError
+    from refusal_lens.interventions import RowSwitch
+
+    switch = RowSwitch(tiny_llama, [[_direction(tiny_llama, 0).ablate(tiny_llama)]])
+    with switch, pytest.raises(RefusalLensError, match="set switch.rows"):
+        tiny_llama(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(RefusalLensError, match=r"group ids in \[0, 1\)"):
+        switch.rows = [0, 1]

@@ -303,26 +303,33 @@ def test_step_commands_take_the_same_steps_as_run(tmp_path, monkeypatch):
     assert d.provenance["addition_coeff"] == res.direction.provenance["addition_coeff"]
 
 
-def test_conditions_sharing_interventions_generate_together(tiny_llama, tmp_path, monkeypatch):
-    """Baseline and ablated conditions run harmful + harmless in one call each; each condition's completions
-    are those it gets generated alone."""
+def test_every_condition_generates_in_one_call(tiny_llama, tmp_path, monkeypatch):
+    """The evaluation's conditions decode in one stream of batches (complete_each, batch 256); each condition's
+    completions are those it gets generated alone."""
     import refusal_lens.pipeline as pl
-    from refusal_lens.interventions import complete
+    from refusal_lens.interventions import complete, complete_each
 
     calls = []
 
-    def spy(model, prompts, **kw):
-        calls.append((kw["desc"], len(prompts), kw["batch_size"]))
-        return complete(model, prompts, **kw)
+    def spy(model, conditions, **kw):
+        calls.append(({name: len(p) for name, (p, _) in conditions.items()}, kw["batch_size"]))
+        return complete_each(model, conditions, **kw)
 
-    monkeypatch.setattr(pl, "complete", spy)
+    monkeypatch.setattr(pl, "complete_each", spy)
     cfg = _cfg(tmp_path)
     res = run_pipeline(tiny_llama, tmp_path / "run", cfg)
     assert cfg.gen_batch_size == 256
-    assert calls[:3] == [("baseline", 4, 256), ("ablated", 4, 256), ("added_coeff1", 2, 256)]
+    assert len(calls) == 1 and calls[0][1] == 256
+    assert calls[0][0] == {name: 2 for name in res.evaluation["conditions"]}
     rows = res.completions
-    for name, ivs in (("harmless_ablated", [res.direction.ablate(tiny_llama)]), ("harmful_baseline", [])):
+    added = res.evaluation["addition"]
+    for name, ivs in (("harmless_ablated", [res.direction.ablate(tiny_llama)]), ("harmful_baseline", []),
+                      ("harmless_added_coeff1", [res.direction.add(tiny_llama, 1.0)]),
+                      ("harmless_added_tuned", [res.direction.add(tiny_llama, added["tuned_coeff"])])):
         mine = [r for r in rows if r["condition"] == name]
+        if not mine:  # no tuned condition when the tuned coefficient is 1
+            assert name == "harmless_added_tuned" and added["tuned_coeff"] == 1.0
+            continue
         alone = complete(tiny_llama, [r["instruction"] for r in mine], interventions=ivs,
                          max_new_tokens=cfg.max_new_tokens, progress=False)
         assert [r["completion"] for r in mine] == alone.texts
