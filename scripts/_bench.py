@@ -107,6 +107,31 @@ def matmul_peak(n: int | None = None, repeats: int = 5, *, device: str | torch.d
     return 2 * n**3 / best
 
 
+@torch.no_grad()
+def linear_rate(hf_model, rows: int = 256, repeats: int = 3) -> float:
+    """FLOP/s of the model's own matrices: every decoder layer's 2-D weights and the unembedding, each applied
+    (``F.linear``) to ``[rows, in]`` random inputs in the model's order, the best of ``repeats`` timed passes
+    after an untimed one. The rate a run could reach if it did nothing but its matrix products at this width:
+    the useful FLOPs of a run divided by it is a floor on the run's time, read on the same machine state."""
+    mats = [p for layer in hf_model.model.layers for p in layer.parameters() if p.ndim == 2]
+    mats.append(hf_model.get_output_embeddings().weight)
+    inputs = {n: torch.randn(rows, n, device=mats[0].device, dtype=mats[0].dtype) for n in {w.shape[1] for w in mats}}
+    flops = 2.0 * rows * sum(w.numel() for w in mats)
+
+    def one_pass():
+        for w in mats:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+        sync()
+
+    one_pass()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        one_pass()
+        best = min(best, time.perf_counter() - t0)
+    return flops / best
+
+
 @dataclass
 class PhaseCount:
     """Work counted in one phase (see :class:`FlopCounter`).

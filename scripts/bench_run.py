@@ -20,7 +20,12 @@ CPU, 8192^3 bf16 on a GPU; ``--device`` / ``--dtype`` as ``load_model``'s), in T
    of both,
 5. right after plain ``generate``, decodes the same batches again under the run's ablation and checks the
    tokens against the run's ablated completions: throughput timed minutes apart drifts with the machine, so
-   this adjacent pair gives the ratio under ablation.
+   this adjacent pair gives the ratio under ablation,
+6. gives a floor for the run: its useful FLOPs at the rate of the model's own matrices
+   (``_bench.linear_rate``: every layer's weights and the unembedding on 256 random rows, read before and
+   after the run), and the run's time over that floor. On a small CPU the square 2048^3 product that sets
+   the peak runs faster than the model's shapes do, and reads differently from minute to minute; the floor
+   says how far the run is from what its own matrix products allow on the same machine state.
 
 The last line is ``whole run: N.N TFLOP-equivalents (S s x P GFLOP/s)``.
 
@@ -49,6 +54,7 @@ from _bench import (
     ModelShape,
     PhaseCount,
     generated_tokens,
+    linear_rate,
     load_bridge_and_plain,
     machine_info,
     matmul_peak,
@@ -214,6 +220,7 @@ def main() -> None:
     print("run config: " + ", ".join(f"{k}={v}" for k, v in vars(cfg).items() if k not in ("harmful_path", "harmless_path")),
           flush=True)
 
+    rate0 = linear_rate(hf)
     counter = FlopCounter(model.original_model, tok.pad_token_id)
     with tempfile.TemporaryDirectory(prefix="bench_run_") as tmp:
         out = args.out or Path(tmp) / "run"
@@ -228,11 +235,14 @@ def main() -> None:
     peak1 = matmul_peak(repeats=args.peak_repeats, device=device, dtype=dtype)
     peak = max(peak0, peak1)
     print(f"\n{kind} after the run: {peak1 / 1e9:.0f} GFLOP/s; used: {peak / 1e9:.0f} GFLOP/s")
+    rate = max(rate0, linear_rate(hf))
+    print(f"the model's own matrices (every layer's and the unembedding, 256 random rows, best of 3, read before "
+          f"and after the run, the higher used): {rate / 1e9:.0f} GFLOP/s, {rate / peak:.2f} of the peak")
 
     # ---- per phase
     print(f"\nper phase (cost = seconds x {peak / 1e9:.0f} GFLOP/s; useful = real tokens x 2 x layer parameters + "
           "attention + needed logit rows; tokens = real tokens through the blocks)")
-    phase_rows(counter.counts, list(PHASES), shape, peak)
+    total = phase_rows(counter.counts, list(PHASES), shape, peak)
     untracked = res.seconds - sum(res.timings.values())
     print(f"run_pipeline: {res.seconds:.1f} s in all ({untracked:.1f} s outside the phases: data, folder); "
           f"evaluation.json timings_s {evaluation['timings_s']}")
@@ -308,6 +318,10 @@ def main() -> None:
         print(f"adjacent: refusal-lens under ablation / plain throughput: {(n_abl / abl_s) / (n_plain / plain_s):.2f}x "
               f"(goal >= 1.5x); its completions equal the run's ablated ones: {'yes' if same else 'NO'}")
 
+    useful = shape.useful_flops(total)
+    floor = useful / rate
+    print(f"floor: the run's useful FLOPs ({useful / 1e12:.1f} TF) at the rate of the model's own matrices: "
+          f"{floor:.0f} s = {floor * peak / 1e12:.1f} TFLOP-eq; the run took {res.seconds / floor:.2f}x that floor")
     print(f"whole run: {res.seconds * peak / 1e12:.1f} TFLOP-equivalents ({res.seconds:.1f} s x {peak / 1e9:.0f} GFLOP/s)")
 
 

@@ -49,6 +49,19 @@ def test_model_shape_counts_layer_matrices(model):
     assert s.d_vocab == model.cfg.d_vocab
 
 
+def test_linear_rate_counts_every_layer_matrix_and_the_unembedding(model, monkeypatch):
+    """With a clock that advances 1 s per reading, each timed pass takes 1 s: the rate is the pass's FLOPs."""
+    import _bench
+
+    clock = iter(range(10**6))
+    monkeypatch.setattr(_bench.time, "perf_counter", lambda: float(next(clock)))
+    hf = model.original_model
+    layer_mats = sum(p.numel() for layer in hf.model.layers for p in layer.parameters() if p.ndim == 2)
+    unembed = hf.config.vocab_size * D_MODEL
+    assert _bench.linear_rate(hf, rows=8, repeats=2) == 2.0 * 8 * (layer_mats + unembed)
+    assert layer_mats == N_LAYERS * ModelShape.of(hf).layer_params
+
+
 def test_last_logits_counts_real_tokens_and_one_row_per_prompt(model):
     bs = _batches(model)
     real = sum(int(b.attention_mask.sum()) for b in bs)
@@ -141,3 +154,4 @@ def test_bench_run_main_on_a_tiny_model(monkeypatch, capsys):
     assert "greedy tokens: yes" in out and "decoded text equal to completions.jsonl: yes" in out
     assert "its completions equal the run's ablated ones: yes" in out  # the adjacent re-run under ablation
     assert lines[-1].startswith("whole run: ") and "TFLOP-equivalents" in lines[-1]
+    assert lines[-2].startswith("floor: the run's useful FLOPs") and "x that floor" in lines[-2]
