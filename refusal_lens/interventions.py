@@ -287,7 +287,7 @@ class Completions:
 
     def split(self, sizes: Sequence[int]) -> list[Completions]:
         """Consecutive parts of ``sizes[i]`` completions each: one generation over several prompt sets
-        that share their interventions, given back per set."""
+        (e.g. :func:`complete_each`'s conditions), given back per set."""
         if sum(sizes) != len(self.texts):
             raise RefusalLensError(f"split sizes {list(sizes)} add up to {sum(sizes)}, not {len(self.texts)} completions.")
         parts, start = [], 0
