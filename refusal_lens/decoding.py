@@ -21,6 +21,7 @@ pins identical tokens on the tiny models and ``scripts/bench_run.py`` checks the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
@@ -29,6 +30,9 @@ from transformers import DynamicCache
 
 from refusal_lens.prefix import PrefixMemo, SharedPrefix, on_model_device
 from refusal_lens.prompts import position_ids_from_mask
+
+if TYPE_CHECKING:  # interventions imports this module
+    from refusal_lens.interventions import RowSwitch
 
 
 @dataclass
@@ -56,7 +60,7 @@ def _forward(hf, ids, mask, positions, cache) -> Tensor:
 @torch.no_grad()
 def greedy(model, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"], *,
            max_new_tokens: int, eos_id: int | None, prefix_memo: PrefixMemo | None = None,
-           switch=None) -> Greedy:
+           switch: RowSwitch | None = None) -> Greedy:
     """Greedy completions of a left-padded batch, each row dropped from the batch once it emits ``eos_id``.
 
     Args:

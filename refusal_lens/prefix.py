@@ -30,11 +30,15 @@ import contextlib
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import DynamicCache
+
+if TYPE_CHECKING:  # interventions imports decoding, which imports this module
+    from refusal_lens.interventions import RowSwitch
 
 #: Shorter shared prefixes are not worth a second forward pass.
 MIN_PREFIX = 4
@@ -99,7 +103,7 @@ class SharedPrefix:
     attention_mask: Int[Tensor, "batch total"]
     positions: Int[Tensor, "batch rest"]
     memo: PrefixMemo | None = None
-    switch: object | None = None
+    switch: RowSwitch | None = None
 
     @property
     def n_prefix(self) -> int:
@@ -108,7 +112,7 @@ class SharedPrefix:
     @classmethod
     def of(cls, model, input_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"], *,
            keep: int | Int[Tensor, " batch"] = 1, memo: PrefixMemo | None = None,
-           switch=None) -> SharedPrefix | None:
+           switch: RowSwitch | None = None) -> SharedPrefix | None:
         """The split of this batch, or ``None`` where it does not pay (one row, a prefix shorter than
         :data:`MIN_PREFIX`, or :func:`disabled`). ``keep``: real tokens each row keeps after the prefix
         (a capture at offset ``-k`` needs ``k``; scoring ``n`` completion tokens needs ``n + 1``). ``memo``:
