@@ -210,24 +210,23 @@ class RowSwitch(Intervention):
             self.rows = before
 
     def fwd_hooks(self) -> list[Hook]:
-        by_name: dict[str, list[tuple[int, Callable]]] = {}
+        by_name: dict[str, dict[int, list[Callable]]] = {}  # hook point -> group -> its hooks there, in order
         for g, ivs in enumerate(self.groups):
             for iv in ivs:
                 for name, fn in iv.fwd_hooks():
-                    by_name.setdefault(name, []).append((g, fn))
-        return [(name, partial(self._hook, fns)) for name, fns in by_name.items()]
+                    by_name.setdefault(name, {}).setdefault(g, []).append(fn)
+        return [(name, partial(self._hook, by_group)) for name, by_group in by_name.items()]
 
-    def _hook(self, fns: list[tuple[int, Callable]], act, hook):
+    def _hook(self, by_group: dict[int, list[Callable]], act, hook):
         if self._rows is None or self._rows.shape[0] != act.shape[0]:
             raise RefusalLensError(f"RowSwitch at {hook.name}: a batch of {act.shape[0]} rows, but rows "
                                    f"{'unset' if self._rows is None else f'for {self._rows.shape[0]}'}; set "
                                    "switch.rows (one group id per row) before each forward.")
         out = act
-        for g in dict.fromkeys(g for g, _ in fns):
+        for g, mine in by_group.items():
             idx = self._index.get(g)
             if idx is None:
                 continue
-            mine = [fn for gg, fn in fns if gg == g]
             if idx.numel() == act.shape[0]:  # the whole batch: exactly what the interventions alone do
                 for fn in mine:
                     out = fn(out, hook)
