@@ -257,10 +257,9 @@ def main() -> None:
     from refusal_lens.prompts import batches, chat_format
 
     evals = [g for g in gens if g["phase"] == "evaluate_generate"]
-    base_names = ("harmful_baseline", "harmless_baseline")
-    base_prompts = [r["instruction"] for c in base_names for r in rows if r["condition"] == c]
+    base_rows = [r for c in ("harmful_baseline", "harmless_baseline") for r in rows if r["condition"] == c]
     base = [{"input_ids": b.input_ids, "attention_mask": b.attention_mask}
-            for b in batches(tok, base_prompts, cfg.gen_batch_size, chat_format(model))]
+            for b in batches(tok, [r["instruction"] for r in base_rows], cfg.gen_batch_size, chat_format(model))]
     plain_counter = FlopCounter(hf, tok.pad_token_id)
     with plain_counter:
         plain_counter.phase("plain generate")
@@ -272,8 +271,8 @@ def main() -> None:
         plain_s = time.perf_counter() - t0
     rl_tokens = [r for g in evals for r, h in zip(generated_tokens(g["new"], eos_ids), g["hooked"], strict=True) if not h]
     plain_tokens = [r for t in plain for r in generated_tokens(t, eos_ids)]
-    n_diff = sum(a != b for a, b in zip(rl_tokens, plain_tokens, strict=True)) + abs(len(rl_tokens) - len(plain_tokens))
-    base_texts = [r["completion"] for c in base_names for r in rows if r["condition"] == c]
+    n_diff = sum(a != b for a, b in zip(rl_tokens, plain_tokens, strict=True))
+    base_texts = [r["completion"] for r in base_rows]
     plain_texts = tok.batch_decode([torch.tensor(t, dtype=torch.long) for t in plain_tokens], skip_special_tokens=True)
     n_text = sum(a != b for a, b in zip(base_texts, plain_texts, strict=True))
 
