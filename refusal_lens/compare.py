@@ -210,8 +210,7 @@ def _harmful_by_category(prompts: list[str]) -> dict[str, list[str]]:
 def run_compare(model, out: str | Path, cfg: CompareConfig | None = None, *, overwrite: bool = False,
                 export_all: str | Path | None = None) -> CompareResult:
     """Compare the edit methods of ``cfg.methods`` on one model; write the folder ``out`` (see module doc)."""
-    from refusal_lens.directions import candidate_directions
-    from refusal_lens.pipeline import prepare_data
+    from refusal_lens.pipeline import extract_candidates, prepare_data
     from refusal_lens.selection import select_direction
 
     cfg = cfg or CompareConfig()
@@ -232,10 +231,10 @@ def run_compare(model, out: str | Path, cfg: CompareConfig | None = None, *, ove
         console.print("[bold]1/4 extract and select[/] (once, for every method)")
         data = prepare_data(model, rc, splits)  # the same first step as `run`
         rtoks, filtering = data.refusal_tokens, data.filtering
-        cands = candidate_directions(model, splits.harmful["train"], splits.harmless["train"], batch_size=cfg.batch_size)
+        cands = extract_candidates(model, data, rc)  # run's too: the means read by the filtering pass
         direction, selection = select_direction(model, cands, splits.harmful["val"], splits.harmless["val"], rtoks.ids,
                                                 strategy=cfg.strategy, top_k=cfg.top_k, batch_size=cfg.batch_size,
-                                                max_layer_frac=cfg.max_layer_frac)
+                                                max_layer_frac=cfg.max_layer_frac, base_logits=data.val_logits)
         direction.provenance.update(version=__version__, filtering=filtering)
         direction.save(tmp / "direction")
         selection.save(tmp / "selection.json")

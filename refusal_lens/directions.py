@@ -18,6 +18,7 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from refusal_lens.activations import MeanActivations, mean_activations
 from refusal_lens.errors import DirectionError
 from refusal_lens.interventions import Ablation, Addition
 from refusal_lens.io import atomic_files, pair_paths
@@ -283,19 +284,28 @@ def candidate_directions(model, harmful: list[str], harmless: list[str], *, batc
         >>> cands = candidate_directions(model, load_builtin("harmful", "train"), load_builtin("harmless", "train"))
         >>> cands.diffs.shape                  # [24, 5, 896] on the embedded model
     """
-    from refusal_lens.activations import mean_activations
-    from refusal_lens.models import model_id
-
     h = mean_activations(model, harmful, positions=positions, batch_size=batch_size, progress=progress,
                          desc="harmful activations")
     hl = mean_activations(model, harmless, positions=positions, batch_size=batch_size, progress=progress,
                           desc="harmless activations")
-    diffs = (h.mean - hl.mean).to(torch.float32)
+    return candidates_from_means(model, h, hl)
+
+
+def candidates_from_means(model, harmful: MeanActivations, harmless: MeanActivations) -> Candidates:
+    """Diff-in-means candidates from the two sets' mean activations (e.g. read while filtering,
+    :func:`refusal_lens.activations.read_prompts`); what :func:`candidate_directions` returns."""
+    from refusal_lens.models import model_id
+
+    if harmful.positions != harmless.positions or harmful.mean.shape != harmless.mean.shape:
+        raise DirectionError(f"The harmful and harmless means do not match (positions {harmful.positions} vs "
+                             f"{harmless.positions}, shapes {tuple(harmful.mean.shape)} vs {tuple(harmless.mean.shape)}); "
+                             "read both with the same layers and positions.")
+    diffs = (harmful.mean - harmless.mean).to(torch.float32)
     return Candidates(
         diffs=diffs,
-        positions=h.positions,
+        positions=harmful.positions,
         model_id=model_id(model),
-        harmful_mean=h.mean.to(torch.float32),
-        harmless_mean=hl.mean.to(torch.float32),
-        provenance={"n_harmful": h.count, "n_harmless": hl.count},
+        harmful_mean=harmful.mean.to(torch.float32),
+        harmless_mean=harmless.mean.to(torch.float32),
+        provenance={"n_harmful": harmful.count, "n_harmless": harmless.count},
     )

@@ -22,6 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from refusal_lens.activations import MeanActivations, read_prompts
 from refusal_lens.data import MIN_PER_SPLIT, Splits
 from refusal_lens.errors import DataError
 from refusal_lens.interventions import Intervention, applied
@@ -160,8 +161,25 @@ def check_refuses_enough(refused: int, n_harmful: int, refused_harmless: int, n_
         "--no-filter runs the selection anyway.")
 
 
+@dataclass
+class Filtering:
+    """What :func:`filter_splits` kept, and what it read on the way.
+
+    Attributes:
+        counts: per set and split (``"harmful_train"``, ...): prompts scored, kept by the filter, and used.
+        train_means: ``{"harmful": ..., "harmless": ...}`` mean activations of the train prompts used, read in
+            the filtering forward (``None`` unless asked for): the diff-in-means needs no second pass.
+        val_logits: ``{"harmful": ..., "harmless": ...}`` the base model's last-position logits ``[n, vocab]`` of
+            the val prompts used, in order: selection's baseline.
+    """
+
+    counts: dict[str, dict[str, int]]
+    train_means: dict[str, MeanActivations] | None = None
+    val_logits: dict[str, Tensor] | None = None
+
+
 def filter_splits(model, splits: Splits, refusal_ids: Sequence[int], *, n_train: int | None = 128,
-                  n_val: int | None = 32, batch_size: int = 16) -> dict:
+                  n_val: int | None = 32, batch_size: int = 16, means: bool = False) -> Filtering:
     """The paper's filtering of the train and val splits, in place: keep harmful instructions the model
     refuses (refusal metric > 0) and harmless ones it does not (metric < 0), then cut to ``n_train`` /
     ``n_val`` (``None``: keep all). The test split is left whole: evaluation covers every harmful test prompt.
@@ -170,19 +188,40 @@ def filter_splits(model, splits: Splits, refusal_ids: Sequence[int], *, n_train:
     the embedded model (which answers many harmful requests) the selected direction's KL on harmless val
     fell from 0.59 without filtering to 0.06 with it.
 
+    Args:
+        means: also average the block-input activations of the train prompts used, in the same forward
+            (:func:`~refusal_lens.activations.read_prompts`), for the diff-in-means.
+
     Returns:
-        Per set and split: how many were scored, kept by the filter, and used.
+        A :class:`Filtering`: the counts, the train means (with ``means``) and the val prompts' logits.
 
     Raises:
         DataError: when the model barely refuses (:func:`check_refuses_enough`), or fewer than the minimum
             pass, naming ``--no-filter``.
     """
-    counts: dict[str, dict[str, int]] = {}
-    kept_by = {(kind, split): filter_by_refusal(model, getattr(splits, kind)[split], refusal_ids, refused=refused,
-                                                batch_size=batch_size, desc=f"filtering {kind} {split}")[0]
-               for kind, refused in (("harmful", True), ("harmless", False)) for split in ("train", "val")}
+    kept_by: dict[tuple[str, str], list[int]] = {}
+    logits_by: dict[tuple[str, str], Tensor] = {}
+    train_means: dict[str, MeanActivations] = {}
+    for kind, refused in (("harmful", True), ("harmless", False)):
+        def keeps(logits, refused=refused):
+            metric = refusal_metric_from_logits(logits, refusal_ids)
+            return metric > 0 if refused else metric < 0
+
+        for split in ("train", "val"):
+            items, desc = getattr(splits, kind)[split], f"filtering {kind} {split}"
+            if means and split == "train":
+                reading = read_prompts(model, items, choose=keeps, limit=n_train, batch_size=batch_size, desc=desc)
+                logits = reading.logits
+                if reading.means is not None:
+                    train_means[kind] = reading.means
+            else:
+                logits = last_logits(model, items, batch_size=batch_size, progress=True, desc=desc)
+            kept_by[kind, split] = keeps(logits).nonzero().flatten().tolist()
+            logits_by[kind, split] = logits
     check_refuses_enough(len(kept_by["harmful", "train"]), len(splits.harmful["train"]),
                          len(splits.harmless["train"]) - len(kept_by["harmless", "train"]), len(splits.harmless["train"]))
+    counts: dict[str, dict[str, int]] = {}
+    val_logits: dict[str, Tensor] = {}
     for kind, refused in (("harmful", True), ("harmless", False)):
         target = getattr(splits, kind)
         for split, limit in (("train", n_train), ("val", n_val)):
@@ -195,9 +234,12 @@ def filter_splits(model, splits: Splits, refusal_ids: Sequence[int], *, n_train:
                     f"metric {'>' if refused else '<'} 0); at least {MIN_PER_SPLIT[split]} are needed. If this model "
                     "barely refuses there may be no refusal to find; otherwise add prompts, or pass --no-filter "
                     "(filter=False) to use them unfiltered.")
-            target[split] = kept[:limit] if limit is not None else kept
-            counts[f"{kind}_{split}"] = {"scored": len(items), "kept": len(kept), "used": len(target[split])}
-    return counts
+            used = kept[:limit] if limit is not None else kept
+            target[split] = [items[i] for i in used]
+            counts[f"{kind}_{split}"] = {"scored": len(items), "kept": len(kept), "used": len(used)}
+            if split == "val":
+                val_logits[kind] = logits_by[kind, split][used]
+    return Filtering(counts, train_means if means else None, val_logits)
 
 
 def kl_last(base_logits: Float[Tensor, "batch vocab"], logits: Float[Tensor, "batch vocab"]) -> float:

@@ -27,10 +27,12 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+from torch import Tensor
 
 from refusal_lens import __version__
+from refusal_lens.activations import MeanActivations
 from refusal_lens.data import Splits, load_splits
-from refusal_lens.directions import Candidates, Direction, candidate_directions
+from refusal_lens.directions import Candidates, Direction, candidate_directions, candidates_from_means
 from refusal_lens.errors import DataError
 from refusal_lens.evaluate import (
     RefusalTokens,
@@ -142,11 +144,18 @@ class RunConfig:
 @dataclass
 class PreparedData:
     """What every step starts from: the splits (train and val filtered when ``cfg.filter``), the model's
-    refusal tokens, and the filtering counts (``None`` without filtering)."""
+    refusal tokens, and the filtering counts (``None`` without filtering).
+
+    With filtering, ``train_means`` (``(harmful, harmless)`` mean activations of the train prompts used) and
+    ``val_logits`` (``(harmful, harmless)`` base last-position logits of the val prompts used) were read by
+    the filtering forward; extraction and selection take them instead of running those prompts again.
+    """
 
     splits: Splits
     refusal_tokens: RefusalTokens | None
     filtering: dict | None
+    train_means: tuple[MeanActivations, MeanActivations] | None = None
+    val_logits: tuple[Tensor, Tensor] | None = None
 
 
 def prepare_data(model, cfg: RunConfig, splits: Splits | None = None, *, need_tokens: bool = True) -> PreparedData:
@@ -164,12 +173,15 @@ def prepare_data(model, cfg: RunConfig, splits: Splits | None = None, *, need_to
         rtoks = RefusalTokens(list(cfg.refusal_ids), [tok.decode([i]) for i in cfg.refusal_ids], math.nan, 0)
     else:
         rtoks = find_refusal_tokens(model, splits.harmful["train"][:32], batch_size=cfg.batch_size)
-    filtering = filter_splits(model, splits, rtoks.ids, n_train=cfg.n_train, n_val=cfg.n_val,
-                                  batch_size=cfg.batch_size) if cfg.filter else None
-    if filtering:
-        console.print("  kept " + ", ".join(f"{k.replace('_', ' ')} {v['kept']}/{v['scored']}"
-                                            for k, v in filtering.items()))
-    return PreparedData(splits, rtoks, filtering)
+    if not cfg.filter:
+        return PreparedData(splits, rtoks, None)
+    f = filter_splits(model, splits, rtoks.ids, n_train=cfg.n_train, n_val=cfg.n_val, batch_size=cfg.batch_size,
+                      means=True)
+    console.print("  kept " + ", ".join(f"{k.replace('_', ' ')} {v['kept']}/{v['scored']}"
+                                        for k, v in f.counts.items()))
+    means = (f.train_means["harmful"], f.train_means["harmless"]) if f.train_means else None
+    logits = (f.val_logits["harmful"], f.val_logits["harmless"]) if f.val_logits else None
+    return PreparedData(splits, rtoks, f.counts, means, logits)
 
 
 def extract_candidates(model, data: PreparedData, cfg: RunConfig) -> Candidates:
@@ -177,7 +189,10 @@ def extract_candidates(model, data: PreparedData, cfg: RunConfig) -> Candidates:
     splits = data.splits
     console.print(f"  diff-in-means on {len(splits.harmful['train'])} harmful + "
                   f"{len(splits.harmless['train'])} harmless train prompts")
-    cands = candidate_directions(model, splits.harmful["train"], splits.harmless["train"], batch_size=cfg.batch_size)
+    if data.train_means is not None:  # read by the filtering forward
+        cands = candidates_from_means(model, *data.train_means)
+    else:
+        cands = candidate_directions(model, splits.harmful["train"], splits.harmless["train"], batch_size=cfg.batch_size)
     cands.provenance.update(split="train", data=cfg.harmful_path or "built-in", version=__version__,
                             filtering=data.filtering)
     return cands
@@ -189,7 +204,8 @@ def select_and_tune(model, cands: Candidates, data: PreparedData, cfg: RunConfig
     splits, rtoks = data.splits, data.refusal_tokens
     direction, selection = select_direction(
         model, cands, splits.harmful["val"], splits.harmless["val"], rtoks.ids, strategy=cfg.strategy,
-        max_layer_frac=cfg.max_layer_frac, top_k=cfg.top_k, n_screen=cfg.n_screen, batch_size=cfg.batch_size)
+        max_layer_frac=cfg.max_layer_frac, top_k=cfg.top_k, n_screen=cfg.n_screen, batch_size=cfg.batch_size,
+        base_logits=data.val_logits)
     selection.config["refusal_tokens"] = asdict(rtoks)
     selection.config["filtering"] = data.filtering
     coeff, shares = choose_addition_coeff(model, direction, splits.harmless["val"], rtoks.ids,

@@ -266,6 +266,7 @@ def select_direction(
     batch_size: int = 16,
     layers: Sequence[int] | None = None,
     positions: Sequence[int] | None = None,
+    base_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
     progress: bool = True,
 ) -> tuple[Direction, Selection]:
     """Pick a direction by the paper's bypass / induce / KL rule.
@@ -276,6 +277,8 @@ def select_direction(
         refusal_ids: the model's refusal tokens (:func:`refusal_lens.evaluate.find_refusal_tokens`).
         strategy: ``"fast"`` (screen then score the ``top_k``) or ``"exhaustive"`` (score all).
         layers, positions: restrict the search (e.g. for a quick look); default all below the layer limit.
+        base_logits: the base model's last-position logits ``([n_harmful_val, vocab], [n_harmless_val, vocab])``
+            of the val prompts, when already read (the paper's filtering reads them); default: computed here.
 
     Returns:
         The selected :class:`Direction` (its provenance records the scores and rule) and the
@@ -304,8 +307,15 @@ def select_direction(
     if skipped:
         notes.append(f"{skipped} zero or NaN candidates skipped (e.g. layer 0 at template tokens).")
 
-    base_harmful = last_logits(model, harmful_val, batch_size=batch_size)
-    base_harmless = last_logits(model, harmless_val, batch_size=batch_size)
+    if base_logits is None:
+        base_harmful = last_logits(model, harmful_val, batch_size=batch_size)
+        base_harmless = last_logits(model, harmless_val, batch_size=batch_size)
+    else:
+        base_harmful, base_harmless = base_logits
+        if (len(base_harmful), len(base_harmless)) != (len(harmful_val), len(harmless_val)):
+            raise DataError(f"base_logits hold {len(base_harmful)} harmful and {len(base_harmless)} harmless rows for "
+                            f"{len(harmful_val)} and {len(harmless_val)} val prompts; pass the logits of these "
+                            "prompts, in order (or none: they are computed here).")
     baseline = {
         "harmful_refusal_metric": float(refusal_metric_from_logits(base_harmful, refusal_ids).mean()),
         "harmless_refusal_metric": float(refusal_metric_from_logits(base_harmless, refusal_ids).mean()),

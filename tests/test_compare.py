@@ -67,10 +67,10 @@ def test_pareto_front():
 
 def test_compare_end_to_end(tiny_llama, tmp_path, monkeypatch, fake_data):
     calls = {"extract": 0, "select": 0}
-    import refusal_lens.directions as dirs
+    import refusal_lens.pipeline as pl
     import refusal_lens.selection as sel
 
-    for mod, name, key in ((dirs, "candidate_directions", "extract"), (sel, "select_direction", "select")):
+    for mod, name, key in ((pl, "extract_candidates", "extract"), (sel, "select_direction", "select")):
         real = getattr(mod, name)
 
         def counted(*a, _real=real, _key=key, **k):

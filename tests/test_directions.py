@@ -75,3 +75,52 @@ def test_candidates_save_load(tmp_path, tiny_llama):
 def test_empty_prompt_set(tiny_llama):
     with pytest.raises(DataError):
         mean_activations(tiny_llama, [], progress=False)
+
+
+PROMPTS = [f"Answer briefly, please: {x}" for x in ("hi", "tell me a story about a cat", "how do I bake bread",
+                                                     "why is the sky blue", "write a poem", "name three rivers",
+                                                     "count to five")]
+
+
+@pytest.mark.parametrize("limit", [None, 2])
+def test_read_prompts_gives_last_logits_and_the_means_of_the_prompts_it_chose(tiny_model, limit):
+    """One forward per batch: the logits are last_logits', the means mean_activations' over the chosen
+    prompts only (the first `limit` of them), whichever batches they sat in."""
+    from refusal_lens.activations import read_prompts
+    from refusal_lens.evaluate import last_logits
+
+    ref_logits = last_logits(tiny_model, PROMPTS, batch_size=3)
+    wanted = ref_logits[:, 0] > ref_logits[:, 0].median()  # a choice that depends on the logits
+    r = read_prompts(tiny_model, PROMPTS, choose=lambda lg: lg[:, 0] > ref_logits[:, 0].median(), limit=limit,
+                     batch_size=3, progress=False)
+    torch.testing.assert_close(r.logits, ref_logits, rtol=0, atol=1e-5)
+    expect = wanted.nonzero().flatten().tolist()[:limit]
+    assert r.chosen == expect and len(expect) >= 2  # the choice spans batches
+    ref = mean_activations(tiny_model, [PROMPTS[i] for i in expect], batch_size=3, progress=False)
+    assert r.means.count == len(expect) and r.means.positions == ref.positions
+    torch.testing.assert_close(r.means.mean, ref.mean, rtol=0, atol=1e-5)
+    every = read_prompts(tiny_model, PROMPTS, batch_size=3, progress=False)  # choose=None: all of them
+    assert every.chosen == list(range(len(PROMPTS)))
+    torch.testing.assert_close(every.means.mean, mean_activations(tiny_model, PROMPTS, batch_size=3,
+                                                                  progress=False).mean, rtol=0, atol=1e-5)
+
+
+def test_read_prompts_that_choose_nothing_have_no_means(tiny_llama):
+    from refusal_lens.activations import read_prompts
+
+    r = read_prompts(tiny_llama, PROMPTS[:3], choose=lambda lg: torch.zeros(len(lg), dtype=torch.bool),
+                     progress=False)
+    assert r.chosen == [] and r.means is None and r.logits.shape == (3, tiny_llama.cfg.d_vocab)
+    with pytest.raises(DataError, match="empty"):
+        read_prompts(tiny_llama, [], progress=False)
+
+
+def test_candidates_from_means_equal_candidate_directions(tiny_llama):
+    from refusal_lens.directions import candidates_from_means
+
+    h = mean_activations(tiny_llama, HARMFUL, progress=False)
+    hl = mean_activations(tiny_llama, HARMLESS, progress=False)
+    c, ref = candidates_from_means(tiny_llama, h, hl), candidate_directions(tiny_llama, HARMFUL, HARMLESS, progress=False)
+    assert torch.equal(c.diffs, ref.diffs) and c.positions == ref.positions and c.provenance == ref.provenance
+    with pytest.raises(DirectionError, match="do not match"):
+        candidates_from_means(tiny_llama, h, mean_activations(tiny_llama, HARMLESS, positions=[-1], progress=False))

@@ -231,21 +231,58 @@ def test_run_filters_train_and_val_not_test(tiny_llama, tmp_path, monkeypatch):
     """Harmful prompts the model answers and harmless ones it refuses leave train and val; test stays whole."""
     import torch
 
+    import refusal_lens.directions as dirs
     import refusal_lens.evaluate as ev
+    import refusal_lens.selection as sel
+    from refusal_lens.directions import candidate_directions
+    from refusal_lens.evaluate import last_logits
 
     harmful = HARMFUL[:4] + ["scam the old man", "forge a passport"] + HARMFUL[4:5] + ["spy on my ex"] + HARMFUL[5:]
     harmless = HARMLESS[:4] + ["list three fruits", "name a color"] + HARMLESS[4:5] + ["count to ten"] + HARMLESS[5:]
     answered = {"make a weapon now", "burn the park"}  # one harmful train, one harmful val prompt
     refused = {"how to bake bread"}  # one harmless train prompt
 
-    def fake_metric(model, xs, ids, **kw):
-        return torch.tensor([-1.0 if x in answered else 1.0 if (x in harmful or x in refused) else -1.0 for x in xs])
+    def sign(x):
+        return -1.0 if x in answered else 1.0 if (x in harmful or x in refused) else -1.0
 
-    monkeypatch.setattr(ev, "refusal_metric", fake_metric)
+    # filtering reads the metric from logits: tell each row's prompt by its own logits (distinct per prompt)
+    texts = list(dict.fromkeys(harmful + harmless))
+    own = ev.last_logits(tiny_llama, texts, batch_size=1)
+
+    def fake_metric(logits, ids, eps=1e-8):
+        nearest = torch.cdist(logits.double(), own.double()).argmin(-1)
+        return torch.tensor([sign(texts[i]) for i in nearest.tolist()])
+
+    monkeypatch.setattr(ev, "refusal_metric_from_logits", fake_metric)
     paths = _write_sets(tmp_path, harmful, harmless, sizes=(6, 3, 2))
     cfg = RunConfig(harmful_path=paths[0], harmless_path=paths[1], max_new_tokens=4, batch_size=4, refusal_ids=[1],
                     max_layer_frac=1.0, n_train=4, strategy="exhaustive")
+    used_train = (["how to steal a car", "hurt the cat badly", "break into the house", "scam the old man"],
+                  ["tell me a story", "what is the weather", "the dog plays in the park", "list three fruits"])
+    used_val = (["poison the dog", "spy on my ex"], ["sing a song", "count to ten", "draw a cat"])
+    ref_cands = candidate_directions(tiny_llama, *used_train, batch_size=4, progress=False)
+    ref_base = [last_logits(tiny_llama, v, batch_size=4) for v in used_val]
+
+    def second_pass(*a, **kw):
+        raise AssertionError("the train prompts ran twice: filtering reads their activations already")
+
+    plain_val_passes = []
+
+    def counted(model, prompts, **kw):
+        plain_val_passes.extend([prompts] if kw.get("interventions") is None else [])
+        return last_logits(model, prompts, **kw)
+
+    monkeypatch.setattr(dirs, "mean_activations", second_pass)
+    monkeypatch.setattr(sel, "last_logits", counted)
     res = run_pipeline(tiny_llama, tmp_path / "run", cfg)
+    assert plain_val_passes == []  # selection ran no base pass of its own over the val prompts
+    # one pass over the train prompts gave both the filter and the diff-in-means (the used prompts only);
+    # the filter's val logits are the selection's baseline
+    torch.testing.assert_close(res.candidates.diffs, ref_cands.diffs, rtol=0, atol=1e-5)
+    assert res.candidates.provenance["n_harmful"] == 4 and res.candidates.provenance["n_harmless"] == 4
+    for key, logits in zip(("harmful_refusal_metric", "harmless_refusal_metric"), ref_base, strict=True):
+        assert res.selection.baseline[key] == pytest.approx(float(sel.refusal_metric_from_logits(logits, [1]).mean()),
+                                                            abs=1e-4)
     f = res.evaluation["filtering"]
     assert f["harmful_train"] == {"scored": 6, "kept": 5, "used": 4}  # filtered first, then cut to n_train
     assert f["harmful_val"] == {"scored": 3, "kept": 2, "used": 2}
@@ -269,19 +306,19 @@ def test_step_commands_take_the_same_steps_as_run(tmp_path, monkeypatch):
     default) and its extraction / selection steps, so a step-by-step result equals the run's."""
     import refusal_lens.pipeline as pl
     from refusal_lens.directions import Candidates, Direction
-    from refusal_lens.evaluate import RefusalTokens
+    from refusal_lens.evaluate import Filtering, RefusalTokens
 
     calls = []
 
     def fake_tokens(model, harmful, **kw):
         return RefusalTokens([5, 9], ["a", "b"], 1.0, len(harmful))
 
-    def fake_filter(model, splits, ids, *, n_train, n_val, batch_size):  # keep a fixed subset, as filtering would
+    def fake_filter(model, splits, ids, *, n_train, n_val, batch_size, means):  # a fixed subset, as filtering would
         calls.append((n_train, n_val, batch_size))
         for kind in ("harmful", "harmless"):
             target = getattr(splits, kind)
             target["train"], target["val"] = target["train"][1:9], target["val"][1:5]
-        return {"harmful_train": {"scored": 9, "kept": 8, "used": 8}}
+        return Filtering({"harmful_train": {"scored": 9, "kept": 8, "used": 8}})
 
     tiny = str(save_tiny("qwen2", tmp_path / "model"))
     monkeypatch.setattr(pl, "find_refusal_tokens", fake_tokens)

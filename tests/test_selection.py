@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from refusal_lens.directions import candidate_directions
 from refusal_lens.errors import DataError
@@ -126,3 +127,22 @@ def test_gradient_screen_is_the_derivative_of_ablation(tiny_model):
     assert abs(base - _metric(tiny_model, HARMFUL, ids, None, 8)) < 1e-5
     est = -float(r.double() @ M @ r.double())
     assert abs((plus - base) / eps - est) < 0.02 * abs(est) + 2e-3
+
+
+def test_base_logits_given_are_the_baseline(tiny_llama):
+    """Logits already read (by the filtering pass) stand in for selection's own base pass; the wrong rows are
+    refused with the fix named."""
+    from refusal_lens.evaluate import last_logits
+
+    c = candidate_directions(tiny_llama, HARMFUL, HARMLESS, progress=False)
+    ids = [tiny_llama.tokenizer.convert_tokens_to_ids("<|eos|>")]
+    kw = dict(strategy="exhaustive", max_layer_frac=1.0, layers=[1, 2], progress=False)
+    _, own = select_direction(tiny_llama, c, VAL_H, VAL_HL, ids, **kw)
+    given = (last_logits(tiny_llama, VAL_H), last_logits(tiny_llama, VAL_HL))
+    _, sel = select_direction(tiny_llama, c, VAL_H, VAL_HL, ids, base_logits=given, **kw)
+    assert sel.baseline == own.baseline and [s.kl for s in sel.scores] == [s.kl for s in own.scores]
+    shifted = (given[0], given[1] + torch.linspace(0, 3, given[1].shape[-1]))  # another baseline: other KLs
+    _, other = select_direction(tiny_llama, c, VAL_H, VAL_HL, ids, base_logits=shifted, **kw)
+    assert [s.kl for s in other.scores] != [s.kl for s in own.scores]
+    with pytest.raises(DataError, match="in order"):
+        select_direction(tiny_llama, c, VAL_H, VAL_HL, ids, base_logits=(given[0][:1], given[1]), **kw)
