@@ -580,7 +580,8 @@ def compare(
     mmlu_format: str = typer.Option("zero-shot-prefix", help="MMLU prompt format (see refusal_lens.mmlu.FORMATS)."),
     max_new_tokens: int = typer.Option(40, help="Tokens generated per completion."),
     batch_size: int = typer.Option(16, help="Prompts per forward pass."),
-    gen_batch_size: int = typer.Option(64, help="Prompts per generation batch (finished prompts leave it)."),
+    gen_batch_size: int = typer.Option(256, min=1, max=MAX_BATCH_SIZE, help="Prompts per generation batch; a "
+                                       "method's three sets share the batches (finished prompts leave them)."),
     max_layer_frac: float = typer.Option(0.8, help="Only candidates at layers < this fraction of the depth."),
     refusal_ids: str | None = typer.Option(None, help="Comma-separated refusal token ids (default: found)."),
     filter: bool = typer.Option(True, "--filter/--no-filter", help="The paper's filtering of train and val."),

@@ -5,8 +5,10 @@
 1. refusal tokens, the paper's filtering, diff-in-means candidates (one extraction) and one selection;
 2. the base model's completions, last-token logits, CE and MMLU answers (shared by every method);
 3. per method, under its intervention: completions on the harmful test split, HarmBench and the harmless
-   test split; the refusal metric; KL(base || edited) on harmless test; CE of the base model's own harmless
-   completions; MMLU on the same questions; then the base model judges the coherence of its completions.
+   test split, all three in one stream of batches; the refusal metric and KL(base || edited) on harmless
+   test, both read from the generation's prefill logits (no second pass); CE of the base model's own
+   harmless completions; MMLU on the same questions; then the base model judges the coherence of its
+   completions.
 
 Every rate is a :class:`~refusal_lens.stats.Rate` (k, n, 95 % Wilson interval). The output folder (written
 atomically) holds ``compare.json``, ``table.md``, ``completions.jsonl``, ``methods/<name>.*`` and
@@ -34,10 +36,9 @@ from refusal_lens.evaluate import (
     completion_ce,
     is_refusal,
     kl_last,
-    last_logits,
     refusal_metric_from_logits,
 )
-from refusal_lens.interventions import generate
+from refusal_lens.interventions import complete
 from refusal_lens.io import atomic_dir, check_output_dir
 from refusal_lens.jsonio import json_safe
 from refusal_lens.methods import (
@@ -73,7 +74,7 @@ class CompareConfig:
     mmlu_format: str = "zero-shot-prefix"
     max_new_tokens: int = 40
     batch_size: int = 16
-    gen_batch_size: int = 64  # prompts per generation batch (finished prompts leave it)
+    gen_batch_size: int = 256  # prompts per generation batch, the sets of a method together (finished prompts leave it)
     strategy: str = "fast"
     top_k: int = 6
     max_layer_frac: float = 0.8
@@ -129,16 +130,18 @@ def _judge(model, iv, prompts: dict[str, list[str]], refusal_ids, cfg: CompareCo
     from contextlib import nullcontext
 
     out: dict = {}
-    comps: dict[str, list[str]] = {}
+    sets = {s: ps for s, ps in prompts.items() if ps}
     with iv if iv is not None else nullcontext():
-        for s, ps in prompts.items():
-            if ps:
-                comps[s] = generate(model, ps, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
-                                    desc=s)
-                out[f"{s}_refusal"] = Rate.of(is_refusal(c) for c in comps[s]).to_dict()
-        harmless, harmful = prompts["harmless_test"], prompts["harmful_test"]
-        logits_hl = last_logits(model, harmless, batch_size=cfg.batch_size)
-        metric = refusal_metric_from_logits(last_logits(model, harmful, batch_size=cfg.batch_size), refusal_ids)
+        # every set in one stream of batches; the prefill's last-position logits are the sets' next-token logits
+        done = complete(model, [p for ps in sets.values() for p in ps], max_new_tokens=cfg.max_new_tokens,
+                        batch_size=cfg.gen_batch_size, desc=" + ".join(sets))
+        parts = dict(zip(sets, done.split([len(ps) for ps in sets.values()]), strict=True))
+        comps = {s: c.texts for s, c in parts.items()}
+        for s, texts in comps.items():
+            out[f"{s}_refusal"] = Rate.of(is_refusal(c) for c in texts).to_dict()
+        harmless = prompts["harmless_test"]
+        logits_hl = parts["harmless_test"].first_logits
+        metric = refusal_metric_from_logits(parts["harmful_test"].first_logits, refusal_ids)
         out["refusal_metric_harmful"] = float(metric.mean())
         ref_completions = comps["harmless_test"] if base is None else base["_harmless_completions"]
         out["ce_harmless"] = completion_ce(model, harmless, ref_completions, batch_size=cfg.batch_size)

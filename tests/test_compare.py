@@ -78,9 +78,23 @@ def test_compare_end_to_end(tiny_llama, tmp_path, monkeypatch, fake_data):
             return _real(*a, **k)
 
         monkeypatch.setattr(mod, name, counted)
+    generated = []
+    real_complete = cmp.complete
+
+    def one_stream(model, prompts, **kw):  # each method's three sets decode in one call
+        generated.append(len(prompts))
+        return real_complete(model, prompts, **kw)
+
+    monkeypatch.setattr(cmp, "complete", one_stream)
     out, exp = tmp_path / "cmp", tmp_path / "models"
     res = run_compare(tiny_llama, out, _cfg(), export_all=exp)
     assert calls == {"extract": 1, "select": 1}
+    assert generated == [4 + 3 + 4] * 6  # the base model and 5 methods
+    # the refusal metric and KL read the prefill's logits: last_logits' to rounding
+    from refusal_lens.evaluate import last_logits, refusal_metric_from_logits
+
+    harmful = cmp._run_config(_cfg()).load_splits().harmful["test"]
+    want = float(refusal_metric_from_logits(last_logits(tiny_llama, harmful, batch_size=4), [1]).mean())
     data = json.loads((out / "compare.json").read_text())
     rows = {r["method"]: r for r in data["rows"]}
     assert list(rows) == ["base", "diff-in-means", "projected", "norm-preserving", "subspace", "ace"]
@@ -96,6 +110,7 @@ def test_compare_end_to_end(tiny_llama, tmp_path, monkeypatch, fake_data):
             assert Rate.of(map(is_refusal, got)).to_dict() == rate
         assert r["mmlu"]["n"] == 3 and r["seconds"] > 0
     assert rows["base"]["kl_harmless"] == 0.0
+    assert rows["base"]["refusal_metric_harmful"] == pytest.approx(want, abs=1e-4)
     for name in ("diff-in-means", "projected", "subspace", "norm-preserving", "ace"):
         assert rows[name]["kl_harmless"] > 0, name
         assert rows[name]["coherent"]["n"] == 7 and "mmlu_delta" in rows[name]
