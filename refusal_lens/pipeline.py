@@ -179,7 +179,8 @@ def prepare_data(model, cfg: RunConfig, splits: Splits | None = None, *, need_to
                       means=True)
     console.print("  kept " + ", ".join(f"{k.replace('_', ' ')} {v['kept']}/{v['scored']}"
                                         for k, v in f.counts.items()))
-    means = (f.train_means["harmful"], f.train_means["harmless"]) if f.train_means else None
+    # both sets' means, or none (nothing used, e.g. n_train=0): extraction then says what is missing
+    means = tuple(f.train_means[k] for k in ("harmful", "harmless")) if len(f.train_means or {}) == 2 else None
     logits = (f.val_logits["harmful"], f.val_logits["harmless"]) if f.val_logits else None
     return PreparedData(splits, rtoks, f.counts, means, logits)
 
