@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -127,8 +127,13 @@ def filter_by_refusal(model, instructions: Sequence[str], refusal_ids: Sequence[
         >>> refused, metric = filter_by_refusal(model, load_builtin("harmful", "train"), ids, refused=True)
     """
     metric = refusal_metric(model, instructions, refusal_ids, batch_size=batch_size, progress=progress, desc=desc)
-    keep = metric > 0 if refused else metric < 0
-    return [x for x, k in zip(instructions, keep.tolist(), strict=True) if k], metric
+    return [x for x, k in zip(instructions, passes_filter(metric, refused).tolist(), strict=True) if k], metric
+
+
+def passes_filter(metric: Float[Tensor, " batch"], refused: bool) -> Bool[Tensor, " batch"]:
+    """The paper's filter on refusal metrics: kept when refused (metric > 0) for harmful prompts
+    (``refused=True``), when not refused (metric < 0) for harmless ones."""
+    return metric > 0 if refused else metric < 0
 
 
 MIN_REFUSED_SHARE = 0.10  # share of harmful train prompts the model must refuse for a direction worth selecting
@@ -204,8 +209,7 @@ def filter_splits(model, splits: Splits, refusal_ids: Sequence[int], *, n_train:
     train_means: dict[str, MeanActivations] = {}
     for kind, refused in (("harmful", True), ("harmless", False)):
         def keeps(logits, refused=refused):
-            metric = refusal_metric_from_logits(logits, refusal_ids)
-            return metric > 0 if refused else metric < 0
+            return passes_filter(refusal_metric_from_logits(logits, refusal_ids), refused)
 
         for split in ("train", "val"):
             items, desc = getattr(splits, kind)[split], f"filtering {kind} {split}"

@@ -44,7 +44,7 @@ from refusal_lens.evaluate import (
     mean_ce,
     refusal_score,
 )
-from refusal_lens.interventions import complete_each
+from refusal_lens.interventions import Intervention, complete_each
 from refusal_lens.io import atomic_dir, check_output_dir
 from refusal_lens.jsonio import json_safe
 from refusal_lens.models import model_id
@@ -217,22 +217,34 @@ def select_and_tune(model, cands: Candidates, data: PreparedData, cfg: RunConfig
     return direction, selection, coeff
 
 
-def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids, tuned_coeff: float,
-                       cfg: RunConfig, phases: Phases | None = None) -> tuple[dict, list[dict]]:
-    """Generate on the test split under each condition and score refusal, coherence, KL and CE
-    (``phases``, when given, times the generation and the scoring apart)."""
+def evaluation_conditions(model, direction: Direction, splits: Splits,
+                          tuned_coeff: float) -> dict[str, tuple[list[str], list[Intervention]]]:
+    """The evaluation's conditions on the test split, ``{name: (prompts, interventions)}`` for
+    :func:`~refusal_lens.interventions.complete_each`: both baselines, both ablated sets (one shared
+    :class:`~refusal_lens.interventions.Ablation`), the direction added to harmless prompts at coefficient 1
+    and, when it differs, at ``tuned_coeff``."""
     harmful, harmless = splits.harmful["test"], splits.harmless["test"]
-    # every condition in one stream of wide batches, each row under its own condition's interventions
-    ablate, add1 = direction.ablate(model), direction.add(model, 1.0)
-    conditions: dict[str, tuple[list[str], list]] = {
+    ablate = direction.ablate(model)
+    conditions: dict[str, tuple[list[str], list[Intervention]]] = {
         "harmful_baseline": (harmful, []),
         "harmful_ablated": (harmful, [ablate]),
         "harmless_baseline": (harmless, []),
         "harmless_ablated": (harmless, [ablate]),
-        "harmless_added_coeff1": (harmless, [add1]),
+        "harmless_added_coeff1": (harmless, [direction.add(model, 1.0)]),
     }
     if tuned_coeff != 1.0:
         conditions["harmless_added_tuned"] = (harmless, [direction.add(model, tuned_coeff)])
+    return conditions
+
+
+def evaluate_direction(model, direction: Direction, splits: Splits, refusal_ids, tuned_coeff: float,
+                       cfg: RunConfig, phases: Phases | None = None) -> tuple[dict, list[dict]]:
+    """Generate on the test split under each condition and score refusal, coherence, KL and CE
+    (``phases``, when given, times the generation and the scoring apart)."""
+    harmless = splits.harmless["test"]
+    # every condition in one stream of wide batches, each row under its own condition's interventions
+    conditions = evaluation_conditions(model, direction, splits, tuned_coeff)
+    ablate = conditions["harmless_ablated"][1][0]
     console.print(f"  generating: {len(conditions)} conditions, {sum(len(p) for p, _ in conditions.values())} prompts "
                   f"in batches of {cfg.gen_batch_size}")
     done = complete_each(model, conditions, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,

@@ -43,7 +43,7 @@ def main() -> None:
     from refusal_lens.directions import Direction
     from refusal_lens.interventions import complete_each
     from refusal_lens.models import load_model
-    from refusal_lens.pipeline import RunConfig
+    from refusal_lens.pipeline import RunConfig, evaluation_conditions
 
     sizes = [int(x) for x in args.sizes.split(",")]
     print(machine_info(), flush=True)
@@ -51,14 +51,7 @@ def main() -> None:
     model = load_model()
     direction = Direction.load(args.run / "direction")
     tuned = json.loads((args.run / "evaluation.json").read_text())["addition"]["tuned_coeff"]
-    splits = RunConfig().load_splits()
-    harmful, harmless = splits.harmful["test"], splits.harmless["test"]
-    ablate = direction.ablate(model)
-    conditions = {"harmful_baseline": (harmful, []), "harmful_ablated": (harmful, [ablate]),
-                  "harmless_baseline": (harmless, []), "harmless_ablated": (harmless, [ablate]),
-                  "harmless_added_coeff1": (harmless, [direction.add(model, 1.0)])}
-    if tuned != 1.0:
-        conditions["harmless_added_tuned"] = (harmless, [direction.add(model, tuned)])
+    conditions = evaluation_conditions(model, direction, RunConfig().load_splits(), tuned)  # the run's own
     reference: dict[str, list[str]] = {}
     for line in (args.run / "completions.jsonl").read_text().splitlines():
         row = json.loads(line)
